@@ -1,0 +1,91 @@
+"""`delta-channel` / `delta-lowrank`: deltapatch's own Δ-patches, through DeltaNetwork and the patch
+format (no Δ code here). The base route is `select("base")`, bit-identical to the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltapatch.baselines.base import Forward, Method, MethodSettings
+from deltapatch.data.dataset import TaskData
+from deltapatch.delta import BASE, DeltaNetwork, make_config
+from deltapatch.delta.patch import PatchMeta, patch_bytes, save_patch
+from deltapatch.patching import DeltaSettings, patch_trainable
+from deltapatch.train import Trainable
+
+
+@dataclass
+class DeltaMethodSettings(MethodSettings):
+    """`options` override params.yaml `delta.<kind>` for the bench only (empty: use them as is)."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class DeltaMethod(Method):
+    """A Δ kind; subclasses set `kind`."""
+
+    settings_class = DeltaMethodSettings
+    settings: DeltaMethodSettings
+    kind = ""
+
+    def options(self) -> dict[str, Any]:
+        from deltapatch.config import section
+
+        delta = section(self.context.params, "delta", DeltaSettings)
+        return {**delta.options(self.kind), **self.settings.options}
+
+    def prepare(self, data: TaskData) -> Trainable:
+        self.task = data.name
+        # DeltaNetwork wraps in place: wrap a copy, so the shared pristine base stays unwrapped.
+        self.net = DeltaNetwork(copy.deepcopy(self.context.base.model))
+        self.net.add_task(self.task, data.num_classes, make_config(self.kind, self.options()))
+        self.class_names = data.class_names
+        return patch_trainable(self.net, self.task)
+
+    def task_forward(self) -> Forward:
+        return self.net.eval().select(self.task)
+
+    def base_forward(self) -> Forward:
+        net = self.net.eval()
+
+        def forward(x):  # type: ignore[no-untyped-def]
+            return net(x, tasks=[BASE] * x.shape[0])  # routes this call only, leaves the selection
+
+        return forward
+
+    def save(self, out_dir: Path) -> int:
+        base = self.context.base
+        meta = PatchMeta(
+            task=self.task, class_names=self.class_names, delta_kind=self.kind,
+            delta_config=make_config(self.kind, self.options()).to_dict(), base_arch=base.settings.arch,
+            base_fingerprint=self.net.base_fingerprint, input_size=base.settings.input_size,
+            mean=base.settings.mean, std=base.settings.std,
+        )
+        save_patch(self.net, meta, Path(out_dir))
+        return patch_bytes(Path(out_dir))
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[Forward | None]:
+        self.net.eval().merge(self.task)
+        try:
+            yield self.net
+        finally:
+            self.net.unmerge().select(self.task)
+
+    def trainable_params(self) -> int:
+        return self.net.parameter_counts(self.task)[0]
+
+
+class DeltaChannel(DeltaMethod):
+    name = "delta-channel"
+    kind = "channel"
+
+
+class DeltaLowRank(DeltaMethod):
+    name = "delta-lowrank"
+    kind = "lowrank"

@@ -1,0 +1,28 @@
+"""`deltapatch` command line: a thin layer over the library.
+
+Each component registers its commands from its own module, so components never edit each other's
+CLI code. Heavy imports (torch, mlflow, prefect) happen inside the commands, keeping `--help` fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from deltapatch.telemetry import disable_telemetry
+
+disable_telemetry()
+
+app = typer.Typer(
+    name="deltapatch",
+    help="Adapt a frozen CNN to new tasks with tiny Δ-patches; the base task never changes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# Each module defines `register(app: typer.Typer) -> None`.
+_COMMAND_MODULES = ("core", "data", "bench", "registry", "orchestration")
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(f"deltapatch.cli.{_name}").register(app)

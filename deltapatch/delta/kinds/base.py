@@ -1,0 +1,62 @@
+"""The interface every Δ kind implements: a config dataclass and a layer.
+
+A Δ layer is the trainable part of ONE task on ONE frozen layer (Conv2d or Linear). It works in
+activation space — it receives the frozen layer's input and output and returns the patched output —
+because adding Δ to the weights before the convolution makes autograd compute a full-size weight
+gradient and saves no training time (see README, "Training cost"). `merged_weight` folds the same
+function into plain weights for serving one task with zero overhead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+FrozenLayer = nn.Conv2d | nn.Linear
+
+
+@dataclass
+class DeltaConfig:
+    """Hyper-parameters of a Δ kind. Subclasses set `kind` and add their fields."""
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class DeltaLayer(nn.Module):
+    """Trainable Δ for one frozen layer; zero-initialised so a fresh patch equals the base."""
+
+    def __init__(self, frozen: FrozenLayer, config: DeltaConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, x: torch.Tensor, frozen_out: torch.Tensor, frozen: FrozenLayer) -> torch.Tensor:
+        """Patched output.
+
+        Args:
+            x: input of the frozen layer, (N, C_in, H, W) or (N, F_in).
+            frozen_out: frozen(x), (N, C_out, H', W') or (N, F_out).
+            frozen: the frozen layer itself (read-only).
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merged_weight(self, frozen: FrozenLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of a plain layer computing the same function as forward()."""
+        raise NotImplementedError
+
+
+def channel_view(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Shape a per-channel (C,) vector to broadcast over `like` (N, C, ...)."""
+    return vector.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def weight_view(vector: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Shape a per-output-channel (C_out,) vector to broadcast over a weight (C_out, ...)."""
+    return vector.view(-1, *([1] * (weight.dim() - 1)))

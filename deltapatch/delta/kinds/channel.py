@@ -1,0 +1,45 @@
+"""`channel` Δ: a per-output-channel scale and shift of the frozen kernel.
+
+    W' = W · (1 + s),   b' = b · (1 + s) + t,   s, t ∈ R^{C_out}, both zero-initialised.
+
+Trained as `frozen(x) · (1 + s) + t`, whose gradient is a cheap per-channel reduction: the
+cheapest Δ to train (no extra convolution at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deltapatch.delta.kinds.base import DeltaConfig, DeltaLayer, FrozenLayer, channel_view, weight_view
+from deltapatch.delta.kinds.registry import register_delta_kind
+
+
+@dataclass
+class ChannelConfig(DeltaConfig):
+    kind = "channel"
+
+
+@register_delta_kind
+class ChannelDelta(DeltaLayer):
+    config_class = ChannelConfig
+
+    def __init__(self, frozen: FrozenLayer, config: ChannelConfig) -> None:
+        super().__init__(frozen, config)
+        out_channels = frozen.weight.shape[0]
+        self.scale = nn.Parameter(torch.zeros(out_channels))
+        self.shift = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x: torch.Tensor, frozen_out: torch.Tensor, frozen: FrozenLayer) -> torch.Tensor:
+        return torch.addcmul(
+            channel_view(self.shift, frozen_out), frozen_out, channel_view(1 + self.scale, frozen_out)
+        )
+
+    @torch.no_grad()
+    def merged_weight(self, frozen: FrozenLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        factor = 1 + self.scale
+        weight = frozen.weight * weight_view(factor, frozen.weight)
+        bias = self.shift.clone() if frozen.bias is None else frozen.bias * factor + self.shift
+        return weight, bias

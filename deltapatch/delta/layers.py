@@ -1,0 +1,116 @@
+"""Layer wrappers that put per-task Δs, BatchNorms and heads beside the frozen originals.
+
+Each wrapper keeps the original module untouched as `frozen` and runs exactly that module on the
+base route, which is what makes the base path bit-identical to the unwrapped network.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from deltapatch.delta.kinds import DeltaConfig, layer_class
+from deltapatch.delta.kinds.base import FrozenLayer
+from deltapatch.delta.routing import BASE, Router
+
+
+def _scatter(groups: list[tuple[str, torch.Tensor]], outputs: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Reassemble per-group outputs (n_t, ...) into one (N, ...) tensor in sample order."""
+    out = like.new_empty((like.shape[0], *next(iter(outputs.values())).shape[1:]))
+    for task, index in groups:
+        out[index] = outputs[task].to(out.dtype)
+    return out
+
+
+class TaskRoutedModule(nn.Module):
+    """Common part: the frozen original, one child per task, and the shared router."""
+
+    def __init__(self, frozen: nn.Module, router: Router) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.per_task = nn.ModuleDict()
+        # A plain attribute (not a submodule): the router is shared by all wrappers.
+        object.__setattr__(self, "router", router)
+
+    def remove_task(self, task: str) -> None:
+        if task in self.per_task:
+            del self.per_task[task]
+
+
+class DeltaWrapped(TaskRoutedModule):
+    """A frozen Conv2d/Linear plus one Δ layer per task.
+
+    forward: x (N, C_in, H, W) or (N, F_in) → same shape as frozen(x).
+    """
+
+    frozen: FrozenLayer
+
+    def add_task(self, task: str, config: DeltaConfig) -> None:
+        self.per_task[task] = layer_class(config.kind)(self.frozen, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router = self.router
+        frozen_out = self.frozen(x)
+        if router.merged is not None or (not router.is_mixed and router.task == BASE):
+            return frozen_out  # base route (or Δ already folded into frozen's weights)
+        if not router.is_mixed:
+            return self.per_task[router.task](x, frozen_out, self.frozen)
+        out = frozen_out.clone()
+        for task, index in router.groups:  # type: ignore[union-attr]
+            if task != BASE:
+                out[index] = self.per_task[task](x[index], frozen_out[index], self.frozen).to(out.dtype)
+        return out
+
+
+class TaskBatchNorm(TaskRoutedModule):
+    """Per-task BatchNorm (own affine and running statistics); the base BN is never updated.
+
+    forward: x (N, C, ...) → (N, C, ...).
+    """
+
+    def add_task(self, task: str) -> None:
+        own = copy.deepcopy(self.frozen)
+        for param in own.parameters():
+            param.requires_grad_(True)
+        self.per_task[task] = own
+
+    def _module(self, task: str) -> nn.Module:
+        return self.frozen if task == BASE else self.per_task[task]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router = self.router
+        if not router.is_mixed:
+            return self._module(router.task)(x)
+        groups = router.groups  # type: ignore[assignment]
+        outputs = {task: self._module(task)(x[index]) for task, index in groups}
+        return _scatter(groups, outputs, x)
+
+
+class TaskHeads(TaskRoutedModule):
+    """The classifier: the frozen base head plus one new Linear head per task.
+
+    forward: features (N, F) → logits (N, K). In a mixed batch K is the largest class count among
+    the batch's tasks and each row is padded with -inf beyond its own task's K_t.
+    """
+
+    frozen: nn.Linear
+
+    def add_task(self, task: str, num_classes: int) -> None:
+        self.per_task[task] = nn.Linear(self.frozen.in_features, num_classes).to(self.frozen.weight.device)
+
+    def _module(self, task: str) -> nn.Module:
+        return self.frozen if task == BASE else self.per_task[task]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        router = self.router
+        if not router.is_mixed:
+            return self._module(router.task)(features)
+        groups = router.groups  # type: ignore[assignment]
+        outputs = {task: self._module(task)(features[index]) for task, index in groups}
+        width = max(o.shape[1] for o in outputs.values())
+        logits = features.new_full((features.shape[0], width), float("-inf"))
+        for task, index in groups:
+            logits[index, : outputs[task].shape[1]] = outputs[task].to(logits.dtype)
+        return logits

@@ -1,0 +1,239 @@
+"""DeltaNetwork: a frozen CNN with per-task Δ-patches, task routing, merge and mixed batches.
+
+    net = DeltaNetwork(base_model)              # wraps in place; base weights frozen
+    net.add_task("glyphs", num_classes=10, config=ChannelConfig())
+    net.select("glyphs")(x)                     # base + the glyphs patch
+    net.select("base")(x)                       # bit-identical to base_model(x)
+    net(x, tasks=["base", "glyphs", ...])       # mixed batch, one forward
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from deltapatch.delta.kinds import DeltaConfig
+from deltapatch.delta.layers import DeltaWrapped, TaskBatchNorm, TaskHeads, TaskRoutedModule
+from deltapatch.delta.routing import BASE, Router
+from deltapatch.errors import DeltapatchError
+from deltapatch.fingerprint import fingerprint
+
+TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def validate_task_name(name: str) -> str:
+    """Task names: lower-case letters, digits and '-'; 'base' is the reserved base route."""
+    if name == BASE:
+        raise DeltapatchError("task name 'base' is reserved for the base task; pick another name (--task)")
+    if not TASK_NAME.match(name):
+        raise DeltapatchError(
+            f"invalid task name '{name}': use lower-case letters, digits and '-' (e.g. 'street-signs')"
+        )
+    return name
+
+
+def final_linear_name(model: nn.Module) -> str:
+    """Dotted name of the classifier: the last nn.Linear registered in the model."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise DeltapatchError("the base model has no nn.Linear classifier; deltapatch needs one")
+    return names[-1]
+
+
+class DeltaNetwork(nn.Module):
+    """Wraps `base_model` in place. Its parameters are frozen and never modified (except while a
+    task is merged, and `unmerge` restores the very same tensors)."""
+
+    def __init__(self, base_model: nn.Module) -> None:
+        super().__init__()
+        self.base_fingerprint = fingerprint(base_model.state_dict())
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        self.router = Router()
+        self.task_configs: dict[str, DeltaConfig] = {}
+        self.head_name = final_linear_name(base_model)
+        self.model = base_model
+        self._wrap(base_model)
+        self._pristine: dict[str, tuple[nn.Parameter, nn.Parameter | None]] = {}
+        self.train(False)
+
+    # ---------------------------------------------------------------- construction
+    def _wrap(self, base_model: nn.Module) -> None:
+        for name, module in list(base_model.named_modules()):
+            if name == self.head_name:
+                wrapper: nn.Module = TaskHeads(module, self.router)
+            elif isinstance(module, nn.Conv2d | nn.Linear):
+                wrapper = DeltaWrapped(module, self.router)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                wrapper = TaskBatchNorm(module, self.router)
+            else:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            setattr(base_model.get_submodule(parent_name) if parent_name else base_model, child, wrapper)
+
+    def _wrappers(self) -> Iterator[tuple[str, TaskRoutedModule]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, TaskRoutedModule):
+                yield name, module
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_configs)
+
+    def add_task(self, task: str, num_classes: int, config: DeltaConfig) -> None:
+        """Create a fresh, zero-initialised patch: with it selected the network equals the base
+        (apart from the new head)."""
+        validate_task_name(task)
+        if task in self.task_configs:
+            raise DeltapatchError(f"task '{task}' is already loaded; remove_task('{task}') first")
+        device = next(self.model.parameters()).device
+        for _, wrapper in self._wrappers():
+            if isinstance(wrapper, TaskHeads):
+                wrapper.add_task(task, num_classes)
+            elif isinstance(wrapper, TaskBatchNorm):
+                wrapper.add_task(task)
+            else:
+                wrapper.add_task(task, config)  # type: ignore[union-attr]
+            wrapper.per_task[task].to(device)
+        self.task_configs[task] = config
+        self.router.known_tasks.add(task)
+
+    def remove_task(self, task: str) -> None:
+        if self.router.merged == task:
+            self.unmerge()
+        for _, wrapper in self._wrappers():
+            wrapper.remove_task(task)
+        self.task_configs.pop(task, None)
+        self.router.known_tasks.discard(task)
+        if self.router.task == task:
+            self.router.task = BASE
+
+    # ---------------------------------------------------------------- routing
+    def _check_task(self, task: str) -> None:
+        if task != BASE and task not in self.task_configs:
+            raise DeltapatchError(f"no patch loaded for task '{task}'; loaded: {['base', *self.tasks]}")
+        if self.router.merged is not None and task != self.router.merged:
+            raise DeltapatchError(
+                f"task '{self.router.merged}' is merged into the weights; call unmerge() before routing to '{task}'"
+            )
+
+    def select(self, task: str) -> DeltaNetwork:
+        """Route every following forward to `task` ('base' = the untouched original)."""
+        self._check_task(task)
+        self.router.task = task
+        self.router.groups = None
+        self.train(self.training)  # re-apply BN train/eval for the new active task
+        return self
+
+    @property
+    def active_task(self) -> str:
+        return self.router.task
+
+    def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None) -> torch.Tensor:
+        """x: (N, 3, H, W) → logits (N, K).
+
+        With `tasks` (one name per sample) the batch is mixed: each sample goes through its own
+        task's patch in one forward; rows are padded with -inf beyond their task's class count.
+        """
+        if tasks is None:
+            return self.model(x)
+        if len(tasks) != x.shape[0]:
+            raise DeltapatchError(f"got {len(tasks)} task names for a batch of {x.shape[0]} samples")
+        names = list(dict.fromkeys(tasks))
+        for task in names:
+            self._check_task(task)
+        if len(names) == 1:
+            previous = self.router.task
+            try:
+                self.router.task = names[0]
+                return self.model(x)
+            finally:
+                self.router.task = previous
+        if self.training:
+            raise DeltapatchError("mixed-task batches are for inference; call .eval() first")
+        lookup = {task: i for i, task in enumerate(names)}
+        ids = torch.tensor([lookup[t] for t in tasks], device=x.device)
+        self.router.groups = [(task, torch.nonzero(ids == i).flatten()) for i, task in enumerate(names)]
+        try:
+            return self.model(x)
+        finally:
+            self.router.groups = None
+
+    def train(self, mode: bool = True) -> DeltaNetwork:
+        """Only the active task's BatchNorms ever train: base statistics stay pristine."""
+        super().train(mode)
+        for _, wrapper in self._wrappers():
+            wrapper.frozen.eval()
+            if isinstance(wrapper, TaskBatchNorm):
+                for task, module in wrapper.per_task.items():
+                    module.train(mode and task == self.router.task)
+        return self
+
+    # ---------------------------------------------------------------- parameters
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """The trainable parameters of one task's patch (Δs, BatchNorm affine, head)."""
+        self._check_task(task)
+        return [p for _, w in self._wrappers() if task in w.per_task for p in w.per_task[task].parameters()]
+
+    def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        """Everything a patch holds, keyed '<layer path>.<tensor>' (buffers included)."""
+        self._check_task(task)
+        state: dict[str, torch.Tensor] = {}
+        for name, wrapper in self._wrappers():
+            if task in wrapper.per_task:
+                for key, value in wrapper.per_task[task].state_dict().items():
+                    state[f"{name}.{key}"] = value
+        return state
+
+    def load_task_state_dict(self, task: str, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of task_state_dict; any missing, extra or mis-shaped tensor is an error."""
+        expected = self.task_state_dict(task)
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or extra:
+            raise DeltapatchError(
+                f"patch tensors do not fit this base model: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        for key, value in state.items():
+            if expected[key].shape != value.shape:
+                raise DeltapatchError(
+                    f"patch tensor '{key}' has shape {tuple(value.shape)}, base expects {tuple(expected[key].shape)}"
+                )
+            expected[key].copy_(value)
+
+    def parameter_counts(self, task: str) -> tuple[int, int]:
+        """(trainable parameters of `task`'s patch, parameters of the base model)."""
+        base = sum(p.numel() for _, w in self._wrappers() for p in w.frozen.parameters())
+        return sum(p.numel() for p in self.task_parameters(task)), base
+
+    # ---------------------------------------------------------------- merge
+    @torch.no_grad()
+    def merge(self, task: str) -> DeltaNetwork:
+        """Fold `task`'s Δs into the frozen conv/linear weights: serving it then costs exactly a
+        plain forward. The pristine Parameter objects are kept aside, not recomputed."""
+        self._check_task(task)
+        if task == BASE:
+            raise DeltapatchError("the base task has nothing to merge")
+        for name, wrapper in self._wrappers():
+            if isinstance(wrapper, DeltaWrapped):
+                frozen = wrapper.frozen
+                self._pristine[name] = (frozen.weight, frozen.bias)
+                weight, bias = wrapper.per_task[task].merged_weight(frozen)
+                frozen.weight = nn.Parameter(weight, requires_grad=False)
+                frozen.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.router.merged = task
+        return self.select(task)
+
+    @torch.no_grad()
+    def unmerge(self) -> DeltaNetwork:
+        """Put the original weight tensors back: the base is bit-exact again."""
+        modules = dict(self._wrappers())
+        for name, (weight, bias) in self._pristine.items():
+            frozen = modules[name].frozen
+            frozen.weight = weight
+            frozen.bias = bias
+        self._pristine.clear()
+        self.router.merged = None
+        return self

@@ -1,0 +1,206 @@
+"""The inbox: `submit` drops a dataset into it and announces it; `watch` announces what others drop.
+
+The announcement is the Prefect event ``deltapatch.task.arrived`` with resource
+``{"prefect.resource.id": "deltapatch.task.<name>", "deltapatch.task.name": "<name or ''>"}`` and
+payload ``{"path": "<absolute path in the inbox>"}``; the `patch-task` deployment's trigger turns
+each one into a flow run.
+
+Completeness: a folder counts as complete once its listing (names, sizes, mtimes) has not changed for
+``stable_seconds``; an archive once its size and mtime have not. Names starting with ``.`` or ending
+in ``.part``/``.tmp``/``.crdownload`` are ignored (submit copies under a hidden name, then renames).
+What was announced is remembered in ``.deltapatch/inbox-emitted.json`` (name + content signature),
+so a restarted watcher does not announce it again, and a dataset submitted with `submit` is not
+announced a second time by the watcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from deltapatch.config import resolve_path, state_dir
+from deltapatch.errors import DatasetError, DeltapatchError
+
+ARRIVED_EVENT = "deltapatch.task.arrived"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial")
+EMITTED_FILE = "inbox-emitted.json"
+
+
+def inbox_dir(params: dict[str, Any]) -> Path:
+    inbox = params.get("data", {}).get("inbox", "inbox")
+    path = resolve_path(params, inbox)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_task_name(path: Path) -> str:
+    name = path.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _ignored(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower().endswith(PARTIAL_SUFFIXES) or path.name == "__MACOSX"
+
+
+def signature(path: Path) -> str:
+    """What changes while a dataset is being written: sizes and mtimes of everything in it."""
+    if path.is_file():
+        st = path.stat()
+        return f"f:{st.st_size}:{st.st_mtime_ns}"
+    count = size = newest = 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            count += 1
+            size += st.st_size
+            newest = max(newest, st.st_mtime_ns)
+    return f"d:{count}:{size}:{newest}"
+
+
+# ---------------------------------------------------------------------------------- emitted state
+
+
+@contextlib.contextmanager
+def _emitted(params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    path = state_dir(params) / EMITTED_FILE
+    with FileLock(str(path) + ".lock", timeout=60):
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        yield data
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------- events
+
+
+def _event_resource(task: str | None, path: Path) -> dict[str, str]:
+    name = task or default_task_name(path)
+    return {"prefect.resource.id": f"deltapatch.task.{name}", "prefect.resource.name": name,
+            "deltapatch.task.name": task or ""}
+
+
+def emit_arrival(path: Path, task: str | None = None) -> str:
+    """Emit ``deltapatch.task.arrived`` for `path` to the configured Prefect API; returns the event id."""
+    from prefect.events import emit_event
+    from prefect.events.clients import get_events_client  # noqa: F401  (import check: events available)
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise DeltapatchError(
+            "no Prefect server to announce the dataset to (PREFECT_API_URL is unset and no stack is "
+            "running): start one with `deltapatch stack up`, or run the pipeline here with `deltapatch run PATH`"
+        )
+    event = emit_event(ARRIVED_EVENT, resource=_event_resource(task, path), payload={"path": str(path)})
+    _flush_events()
+    if event is None:
+        raise DeltapatchError("Prefect did not accept the event (events are disabled in this Prefect profile)")
+    return str(event.id)
+
+
+def _flush_events() -> None:
+    """Wait until the background events worker has sent what we emitted (a CLI exits right after)."""
+    from prefect.events.worker import EventsWorker
+
+    with contextlib.suppress(Exception):
+        EventsWorker.drain_all(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------ submit
+
+
+def submit(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None,
+           announce: bool = True) -> dict[str, Any]:
+    """Copy the dataset at `path` into the inbox (atomically) and emit the arrival event."""
+    src = Path(path).expanduser().resolve()
+    if not src.exists():
+        raise DatasetError(f"{src}: no such file or folder; pass a folder of class sub-folders or an archive of one")
+    if task is not None:
+        from deltapatch.data.ingest import validate_task_name
+
+        validate_task_name(task)
+    inbox = inbox_dir(params)
+    name = src.name
+    dest = inbox / name
+    if dest.exists() or src == dest:
+        stem = default_task_name(src)
+        dest = inbox / (f"{stem}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}" + name[len(stem):])
+    hidden = inbox / f".incoming-{uuid.uuid4().hex}{name[len(default_task_name(src)):]}"
+    if src.is_dir():
+        shutil.copytree(src, hidden, symlinks=True)
+    else:
+        shutil.copy2(src, hidden)
+    with _emitted(params) as emitted:
+        os.replace(hidden, dest)
+        emitted[dest.name] = {"signature": signature(dest), "task": task, "by": "submit", "at": time.time()}
+    event_id = emit_arrival(dest, task) if announce else ""
+    return {"path": str(dest), "task": task or default_task_name(dest), "event_id": event_id}
+
+
+# ------------------------------------------------------------------------------------------- watch
+
+
+class InboxWatcher:
+    """Poll the inbox; emit once per complete, not yet announced dataset."""
+
+    def __init__(self, params: dict[str, Any], stable_seconds: float = 2.0,
+                 emit: Callable[[Path, str | None], Any] | None = None) -> None:
+        self.params = params
+        self.inbox = inbox_dir(params)
+        self.stable_seconds = stable_seconds
+        self.emit = emit or emit_arrival
+        self._seen: dict[str, tuple[str, float]] = {}  # name → (signature, first seen with it)
+
+    def poll(self) -> list[Path]:
+        """One scan; returns the paths announced in it."""
+        now = time.monotonic()
+        announced = []
+        entries = {p.name: p for p in sorted(self.inbox.iterdir()) if not _ignored(p)}
+        for gone in set(self._seen) - set(entries):
+            del self._seen[gone]
+        for name, path in entries.items():
+            try:
+                sig = signature(path)
+            except OSError:
+                continue
+            previous = self._seen.get(name)
+            if previous is None or previous[0] != sig:
+                self._seen[name] = (sig, now)
+                continue
+            if now - previous[1] < self.stable_seconds:
+                continue
+            with _emitted(self.params) as emitted:
+                if emitted.get(name, {}).get("signature") == sig:
+                    continue
+                self.emit(path, None)
+                emitted[name] = {"signature": sig, "task": None, "by": "watch", "at": time.time()}
+            announced.append(path)
+        return announced
+
+    def run(self, interval: float = 1.0, heartbeat: Path | None = None,
+            on_announce: Callable[[Path], None] | None = None, stop: Callable[[], bool] | None = None) -> None:
+        while not (stop and stop()):
+            for path in self.poll():
+                if on_announce:
+                    on_announce(path)
+            if heartbeat is not None:
+                heartbeat.parent.mkdir(parents=True, exist_ok=True)
+                heartbeat.touch()
+            time.sleep(interval)

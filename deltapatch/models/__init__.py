@@ -1,0 +1,1 @@
+"""Base models: building torchvision CNNs, loading local weights safely, pre-training the default."""

@@ -1,0 +1,146 @@
+"""Train one Δ-patch for one task: the capability the CLI, the flows and the bench all call.
+
+    result = train_patch(params, task_data, out_dir=Path("patches/glyphs"))
+    result.metrics["patch_acc"], result.base_check.bit_identical
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltapatch.config import section
+from deltapatch.data.dataset import TaskData
+from deltapatch.data.sources import base_eval_data
+from deltapatch.delta import DeltaNetwork, make_config
+from deltapatch.delta.patch import PatchMeta, patch_bytes, save_patch
+from deltapatch.evaluate import BaseCheck, base_check, pristine_logits
+from deltapatch.models.base import BaseModel, load_base
+from deltapatch.train import (
+    EpochRecord,
+    FitResult,
+    Normalizer,
+    Trainable,
+    TrainSettings,
+    accuracy,
+    apply_threads,
+    fit,
+    predict_logits,
+    resolve_device,
+)
+
+
+@dataclass
+class DeltaSettings:
+    """params.yaml `delta:` section: the kind and each kind's options."""
+
+    kind: str = "channel"
+    lowrank: dict[str, Any] = field(default_factory=dict)
+    channel: dict[str, Any] = field(default_factory=dict)
+
+    def options(self, kind: str) -> dict[str, Any]:
+        return dict(getattr(self, kind.replace("-", "_"), None) or {})
+
+
+@dataclass
+class PatchResult:
+    task: str
+    patch_dir: Path
+    meta: PatchMeta
+    fit: FitResult
+    base_check: BaseCheck
+    metrics: dict[str, float]
+
+
+@dataclass
+class PatchSession:
+    """A base model wrapped as a DeltaNetwork, with the pristine base logits to compare against."""
+
+    base: BaseModel
+    net: DeltaNetwork
+    norm: Normalizer
+    base_data: TaskData
+    reference_logits: torch.Tensor
+    device: torch.device
+
+
+def open_session(params: dict[str, Any], device: torch.device | None = None) -> PatchSession:
+    """Load the base, record its pristine test logits, then wrap it for patching."""
+    train_settings = section(params, "train", TrainSettings)
+    apply_threads(train_settings)
+    device = device or resolve_device(train_settings.device)
+    base = load_base(params, device)
+    norm = Normalizer(base.settings.mean, base.settings.std, device)
+    base_data = base_eval_data(params)
+    reference = pristine_logits(base.model, base_data.test, norm)
+    return PatchSession(base, DeltaNetwork(base.model), norm, base_data, reference, device)
+
+
+def patch_trainable(net: DeltaNetwork, task: str) -> Trainable:
+    net.select(task)
+    return Trainable(
+        module=net,
+        parameters=net.task_parameters(task),
+        state_dict=lambda: net.task_state_dict(task),
+        load_state_dict=lambda state: net.load_task_state_dict(task, state),
+    )
+
+
+def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: str | None = None,
+                session: PatchSession | None = None, checkpoint: Path | None = None, progress: bool = True,
+                on_epoch: Callable[[EpochRecord], None] | None = None, data_version: str = "",
+                epochs: int | None = None) -> PatchResult:
+    """Train `data.name`'s patch on the frozen base, check the base route, save the patch."""
+    session = session or open_session(params)
+    delta = section(params, "delta", DeltaSettings)
+    kind = kind or delta.kind
+    settings = section(params, "train", TrainSettings)
+    seed = int(params.get("seed", 0))
+    torch.manual_seed(seed)
+    net, task = session.net, data.name
+    if task in net.tasks:
+        net.remove_task(task)
+    net.add_task(task, data.num_classes, make_config(kind, delta.options(kind)))
+    started = time.perf_counter()
+    fitted = fit(patch_trainable(net, task), data, settings, session.norm, seed=seed, checkpoint=checkpoint,
+                 desc=f"Δ-patch {task} ({kind})", progress=progress, on_epoch=on_epoch, epochs=epochs)
+    train_seconds = time.perf_counter() - started
+    net.eval().select(task)
+    test_acc = accuracy(predict_logits(net, data.test, session.norm, desc=f"test {task}" if progress else None), data.test.labels)
+    check = base_check(net, session.reference_logits, session.base_data.test, session.norm)
+    trainable, total = net.parameter_counts(task)
+    meta = PatchMeta(
+        task=task, class_names=data.class_names, delta_kind=kind, delta_config=make_config(kind, delta.options(kind)).to_dict(),
+        base_arch=session.base.settings.arch, base_fingerprint=net.base_fingerprint,
+        input_size=session.base.settings.input_size, mean=session.base.settings.mean, std=session.base.settings.std,
+        data_version=data_version,
+    )
+    meta.metrics = {
+        "patch_acc": test_acc,
+        "val_acc": fitted.history[-1].val_acc if fitted.history else float("nan"),
+        "base_acc": check.base_acc,
+        "base_acc_change": check.acc_change,
+        "base_logits_max_abs_diff": check.max_abs_diff,
+        "trainable_params": float(trainable),
+        "trainable_pct": 100.0 * trainable / total,
+        "train_s_per_epoch": fitted.seconds_per_epoch,
+        "train_seconds": train_seconds,
+    }
+    _save_with_size(net, meta, out_dir)
+    return PatchResult(task, Path(out_dir), meta, fitted, check, meta.metrics)
+
+
+def _save_with_size(net: DeltaNetwork, meta: PatchMeta, out_dir: Path) -> None:
+    """Save so that patch.json's metrics record the final size of the patch files themselves."""
+    size = 0.0
+    for _ in range(3):  # converges once the number's width stops changing
+        meta.metrics["patch_bytes"] = size
+        save_patch(net, meta, out_dir)
+        if float(patch_bytes(out_dir)) == size:
+            return
+        size = float(patch_bytes(out_dir))

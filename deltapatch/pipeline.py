@@ -1,0 +1,389 @@
+"""The steps of the `patch-task` pipeline as plain functions.
+
+The Prefect flows (``flows/patch_task.py``) wrap each step in a task; ``deltapatch run
+--no-prefect`` and notebooks call :func:`run_pipeline`, which chains the same functions. Every step
+takes the project params and returns plain JSON-able dicts, so results can cross process boundaries
+(the training step runs on the GPU work pool's worker).
+
+    ingest_step → version_step → train_step → gate_step → register_step → promote_step
+
+Failure semantics: a rejected dataset raises :class:`~deltapatch.errors.DatasetError` (input
+quarantined by ingest, nothing registered); a failed gate registers the version as *failed* (tagged,
+never promoted) and raises :class:`~deltapatch.errors.GateFailed` naming the check and the margin.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltapatch.config import project_root, state_dir
+from deltapatch.errors import DatasetError, DeltapatchError, GateFailed
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the resume-after-crash test and for drills: with this variable set to N, the
+# first training of a task raises after epoch N (once per task and data: a marker file remembers it).
+CRASH_ENV = "DELTAPATCH_FAULT_TRAIN_CRASH_AFTER_EPOCH"
+
+
+class TrainingCrash(RuntimeError):
+    """The injected training fault (see CRASH_ENV)."""
+
+
+# ------------------------------------------------------------------------------------------ ingest
+
+
+def ingest_step(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None) -> dict[str, Any]:
+    """Validate, normalise and version the dataset at `path` (ingest quarantines a rejected input)."""
+    from deltapatch.data.ingest import ingest
+
+    result = ingest(path, params, task=task)
+    if result.status == "unchanged" and result.duplicate_of and result.duplicate_of != result.task:
+        raise DatasetError(
+            f"the dataset for '{result.task}' is identical to the already ingested task "
+            f"'{result.duplicate_of}'; nothing to train (submit it under that name to retrain it)"
+        )
+    version = result.data_version
+    return {
+        "task": result.task,
+        "status": result.status,
+        "task_dir": str(result.task_dir),
+        "manifest_sha256": result.manifest_sha256,
+        "data_version": str(version) if version else "",
+        "data_version_info": version.as_dict() if version else None,
+        "n_images": dict(result.n_images),
+        "classes": list(result.classes),
+        "skipped": len(result.skipped),
+        "warnings": list(result.warnings),
+    }
+
+
+def version_step(params: dict[str, Any], ingested: dict[str, Any]) -> dict[str, Any]:
+    """Make sure the data version is on the DVC remote (``dvc push``); raises so the flow retries.
+
+    Ingest already commits the version and tries one push; this step repeats the push (a no-op when
+    the remote has it) so a flaky remote is retried with back-off instead of silently skipped.
+    """
+    from deltapatch.data.versioning import VersioningError, push_data
+
+    problem = push_data(params)
+    if problem and problem.startswith("no default DVC remote"):
+        return {"pushed": False, "note": problem, "data_version": ingested["data_version"]}
+    if problem:
+        raise VersioningError(problem)
+    return {"pushed": True, "note": "", "data_version": ingested["data_version"]}
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def checkpoint_path(params: dict[str, Any], task: str, manifest_sha256: str) -> Path:
+    """``.deltapatch/checkpoints/<task>-<data hash>.pt``: same task + same data → same checkpoint."""
+    return state_dir(params) / "checkpoints" / f"{task}-{manifest_sha256[:16]}.pt"
+
+
+def patch_out_dir(params: dict[str, Any], task: str, manifest_sha256: str) -> Path:
+    return state_dir(params) / "patches" / task / manifest_sha256[:16]
+
+
+def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[str], data_version: str = "", *,
+               manifest_sha256: str | None = None, epochs: int | None = None, progress: bool = False,
+               out_dir: str | os.PathLike[str] | None = None, on_epoch: Any = None) -> dict[str, Any]:
+    """Train the task's Δ-patch; checkpoints every epoch and resumes from it when run again.
+
+    Returns a JSON-able dict with the metrics and the patch files themselves (base64; a patch is a few
+    hundred kB at most), so a worker on another machine can hand the patch back through Prefect's
+    result storage; :func:`materialise_patch` writes them out again.
+    """
+    from deltapatch.data.dataset import load_task_dir
+    from deltapatch.data.ingest import file_sha256
+    from deltapatch.data.versioning import pull_data
+    from deltapatch.patching import train_patch
+
+    task_dir = Path(task_dir)
+    if not (task_dir / "manifest.csv").is_file():  # a worker on another machine: fetch the data
+        pull_data(params)
+    sha = manifest_sha256 or file_sha256(task_dir / "manifest.csv")
+    ckpt = checkpoint_path(params, task, sha)
+    out = Path(out_dir) if out_dir else patch_out_dir(params, task, sha)
+    data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=task)
+    hooks = [h for h in (on_epoch, _crash_hook(params, task, sha)) if h is not None]
+
+    def on_epoch_all(record: Any) -> None:
+        for hook in hooks:
+            hook(record)
+
+    started = time.perf_counter()
+    result = train_patch(params, data, out_dir=out, checkpoint=ckpt, progress=progress,
+                         on_epoch=on_epoch_all, data_version=data_version, epochs=epochs)
+    ckpt.unlink(missing_ok=True)  # done: a later run on the same data starts fresh
+    return {
+        "task": task,
+        "patch_dir": str(out),
+        "metrics": dict(result.metrics),
+        "base_check": {"bit_identical": result.base_check.bit_identical,
+                       "max_abs_diff": result.base_check.max_abs_diff,
+                       "base_acc": result.base_check.base_acc,
+                       "pristine_acc": result.base_check.pristine_acc},
+        "resumed_from_epoch": result.fit.resumed_from_epoch,
+        "epochs_run": len(result.fit.history),
+        "device": _device_name(params),
+        "data_version": data_version,
+        "wall_seconds": time.perf_counter() - started,
+        "files": _patch_files(out),
+    }
+
+
+def _device_name(params: dict[str, Any]) -> str:
+    """The device training used (train.device: auto → cuda when present, with AMP per train.amp)."""
+    from deltapatch.config import section
+    from deltapatch.train import TrainSettings, resolve_device
+
+    return str(resolve_device(section(params, "train", TrainSettings).device))
+
+
+def _crash_hook(params: dict[str, Any], task: str, sha: str) -> Any:
+    value = os.environ.get(CRASH_ENV, "").strip()
+    if not value:
+        return None
+    after = int(value)
+    marker = state_dir(params) / "faults" / f"train-crash-{task}-{sha[:16]}"
+
+    def hook(record: Any) -> None:
+        if record.epoch == after and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"crashed after epoch {after}\n")
+            raise TrainingCrash(f"injected training fault after epoch {after} ({CRASH_ENV})")
+
+    return hook
+
+
+def _patch_files(patch_dir: Path) -> dict[str, str]:
+    return {p.name: base64.b64encode(p.read_bytes()).decode() for p in sorted(patch_dir.iterdir()) if p.is_file()}
+
+
+def materialise_patch(params: dict[str, Any], trained: dict[str, Any]) -> Path:
+    """Make sure the trained patch exists locally (it may have been trained on another machine)."""
+    out = Path(trained["patch_dir"])
+    files = trained.get("files") or {}
+    if files and not all((out / name).is_file() for name in files):
+        out = state_dir(params) / "patches" / trained["task"] / f"received-{int(time.time())}"
+        out.mkdir(parents=True, exist_ok=True)
+        for name, blob in files.items():
+            (out / name).write_bytes(base64.b64decode(blob))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- gate
+
+
+def champions(params: dict[str, Any], exclude: str | None = None) -> list[Any]:
+    """The promoted patch of every task (from the registry), downloaded, as gate Champions."""
+    from deltapatch import registry
+    from deltapatch.gate import Champion
+
+    out = []
+    for entry in _champion_entries(params):
+        task = entry["task"]
+        if task == exclude:
+            continue
+        patch_dir = registry.download_patch(params, task, entry["version"])
+        out.append(Champion(task=task, version=str(entry["version"]), patch_dir=Path(patch_dir),
+                            test_acc=float(entry.get("test_acc", float("nan"))),
+                            data_version=str(entry.get("data_version", ""))))
+    return out
+
+
+def _champion_entries(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Normalise registry.champions(params) into [{task, version, test_acc, data_version}]."""
+    from deltapatch import registry
+
+    raw = registry.champions(params)
+    items = raw.items() if isinstance(raw, dict) else ((None, r) for r in raw)
+    out = []
+    for key, item in items:
+        get = item.get if isinstance(item, dict) else lambda k, d=None, _i=item: getattr(_i, k, d)
+        metrics = get("metrics") or {}
+        acc = get("test_acc")
+        if acc is None:
+            acc = get("patch_acc")
+        if acc is None:
+            acc = metrics.get("patch_acc", float("nan"))
+        out.append({"task": get("task") or key, "version": get("version"),
+                    "test_acc": float(acc), "data_version": get("data_version") or ""})
+    return out
+
+
+def gate_step(params: dict[str, Any], task: str, patch_dir: str | os.PathLike[str], session: Any = None) -> Any:
+    """Run the non-regression gate against the currently promoted patches; returns a GateResult."""
+    from deltapatch.gate import run_gate
+
+    return run_gate(params, session, task, Path(patch_dir), champions(params, exclude=task))
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+
+def register_step(params: dict[str, Any], trained: dict[str, Any], gate: Any, data_version: str,
+                  run_name: str | None = None) -> dict[str, Any]:
+    """Log the run and register the version in MLflow (tagged failed when the gate failed)."""
+    from deltapatch import registry
+
+    patch_dir = materialise_patch(params, trained)
+    result = _patch_result(trained, patch_dir)
+    run_id = registry.log_patch_run(params, result, gate=gate, data_version=data_version, run_name=run_name)
+    version = registry.register_patch(params, run_id, result, gate, data_version)
+    return {"task": trained["task"], "version": str(version), "run_id": run_id,
+            "gate_passed": bool(gate.passed), "mlflow_url": mlflow_link(params, trained["task"], version)}
+
+
+def _patch_result(trained: dict[str, Any], patch_dir: Path) -> Any:
+    """A PatchResult rebuilt from the train step's dict (what the registry logs)."""
+    from deltapatch.delta.patch import read_patch_meta
+    from deltapatch.evaluate import BaseCheck
+    from deltapatch.patching import PatchResult
+    from deltapatch.train import FitResult
+
+    meta = read_patch_meta(patch_dir)
+    bc = trained["base_check"]
+    check = BaseCheck(bool(bc["bit_identical"]), float(bc["max_abs_diff"]), float(bc["base_acc"]), float(bc["pristine_acc"]))
+    return PatchResult(trained["task"], patch_dir, meta, FitResult(resumed_from_epoch=int(trained.get("resumed_from_epoch", 0))),
+                       check, dict(trained["metrics"]))
+
+
+def promote_step(params: dict[str, Any], task: str, version: str, reason: str = "") -> dict[str, Any]:
+    from deltapatch import registry
+
+    registry.promote(params, task, version, reason or "passed the non-regression gate")
+    return {"task": task, "version": str(version), "promoted": True}
+
+
+def mlflow_link(params: dict[str, Any], task: str, version: Any) -> str:
+    """Browser link to the registered version ('' when the registry is not on an HTTP server)."""
+    from deltapatch import registry
+
+    link = getattr(registry, "version_url", None)
+    if link is not None:
+        try:
+            return str(link(params, task, version))
+        except Exception:  # a link is informational
+            return ""
+    try:
+        uri = registry.resolve_tracking_uri(params)
+    except Exception:
+        return ""
+    if not str(uri).startswith("http"):
+        return ""
+    name = getattr(registry, "model_name", lambda p, t: t)(params, task)
+    return f"{str(uri).rstrip('/')}/#/models/{name}/versions/{version}"
+
+
+# ---------------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class PipelineOutcome:
+    task: str
+    status: str  # promoted | gate-failed
+    data_version: str = ""
+    version: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    mlflow_url: str = ""
+    seconds: float = 0.0
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def summary_markdown(outcome: PipelineOutcome) -> str:
+    """The per-run markdown report (a Prefect artifact, also printed by `deltapatch run`)."""
+    m = outcome.metrics
+    base = outcome.gate.get("checks", [])
+    base_check = next((c for c in base if c["name"] == "base"), None)
+    base_text = ("bit-identical ✅" if base_check and base_check["passed"] else
+                 f"FAILED ❌ ({base_check['detail']})" if base_check else "not run")
+    status = {"promoted": "✅ promoted", "gate-failed": "❌ gate failed"}.get(outcome.status, outcome.status)
+    link = f"[{outcome.mlflow_url}]({outcome.mlflow_url})" if outcome.mlflow_url else "(registry not on a server)"
+    rows = [
+        ("task", f"`{outcome.task}`"), ("result", status), ("registered version", outcome.version or "-"),
+        ("data version", f"`{outcome.data_version}`"),
+        ("patch accuracy (test)", _fmt(m.get("patch_acc"))), ("base check", base_text),
+        ("trainable params", f"{_fmt(m.get('trainable_pct'), '.3f')} % ({int(m.get('trainable_params', 0)):,})"),
+        ("patch size", f"{int(m.get('patch_bytes', 0)):,} bytes"),
+        ("train time", f"{_fmt(m.get('train_seconds'), '.1f')} s"), ("MLflow", link),
+    ]
+    lines = [f"# Δ-patch `{outcome.task}`: {status}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    if outcome.gate.get("checks"):
+        lines += ["", "## Gate", "", "| check | passed | detail |", "|---|---|---|"]
+        lines += [f"| {c['name']} | {'✅' if c['passed'] else '❌'} | {c['detail']} |" for c in outcome.gate["checks"]]
+    if outcome.message:
+        lines += ["", outcome.message]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return "-"
+
+
+def artifact_key(task: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    import re
+
+    return "patch-" + (re.sub(r"[^a-z0-9-]+", "-", task.lower()).strip("-") or "task")
+
+
+# ------------------------------------------------------------------------------------ no-Prefect run
+
+
+def run_pipeline(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None, *,
+                 epochs: int | None = None, progress: bool = True) -> PipelineOutcome:
+    """All steps in this process, without Prefect (scripts, notebooks, `deltapatch run --no-prefect`)."""
+    started = time.perf_counter()
+    ingested = ingest_step(params, path, task)
+    version_step(params, ingested)
+    trained = train_step(params, ingested["task"], ingested["task_dir"], ingested["data_version"],
+                         manifest_sha256=ingested["manifest_sha256"], epochs=epochs, progress=progress)
+    return finish(params, ingested, trained, started)
+
+
+def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, Any], started: float,
+           gate: Any = None) -> PipelineOutcome:
+    """gate → register → promote (or register as failed and raise GateFailed)."""
+    task = ingested["task"]
+    patch_dir = materialise_patch(params, trained)
+    gate = gate if gate is not None else gate_step(params, task, patch_dir)
+    registered = register_step(params, trained, gate, ingested["data_version"])
+    outcome = PipelineOutcome(task, "promoted" if gate.passed else "gate-failed", ingested["data_version"],
+                              registered["version"], trained["metrics"], gate.as_dict(), registered["mlflow_url"],
+                              time.perf_counter() - started, gate.message)
+    if not gate.passed:
+        raise GateFailed(f"{gate.message}; version {registered['version']} registered as failed, not promoted")
+    promote_step(params, task, registered["version"])
+    return outcome
+
+
+def project_params(project: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Load params for a flow parameter `project` (None: $DELTAPATCH_PROJECT or the cwd's project)."""
+    from deltapatch.config import load_params
+
+    return load_params(Path(project).resolve() if project else None)
+
+
+__all__ = [
+    "CRASH_ENV", "DeltapatchError", "PipelineOutcome", "TrainingCrash", "artifact_key", "champions",
+    "checkpoint_path", "finish", "gate_step", "ingest_step", "materialise_patch", "mlflow_link",
+    "project_params", "project_root", "promote_step", "register_step", "run_pipeline", "summary_markdown",
+    "train_step", "version_step",
+]

@@ -1,0 +1,169 @@
+"""Inference on a base model plus any number of patches: used by the pyfunc model, `predict` and `serve`.
+
+    predictor = Predictor(base)                      # a loaded BaseModel
+    predictor.add_patch(patch_dir)                   # fingerprint checked (FingerprintMismatch)
+    predictor.predict(images_nhwc_uint8, ["base", "shapes", ...])   # ONE mixed-batch forward
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltapatch.delta import DeltaNetwork
+from deltapatch.delta.patch import PatchMeta, load_patch, read_patch_meta
+from deltapatch.errors import DeltapatchError, FingerprintMismatch
+from deltapatch.models.base import BaseModel, load_base, sidecar_path
+from deltapatch.train import Normalizer
+
+BASE = "base"
+
+
+def load_base_files(weights: Path, device: torch.device | str = "cpu") -> BaseModel:
+    """Load a base from its weights file and the sidecar JSON beside it (as registered)."""
+    weights = Path(weights).resolve()
+    sidecar = sidecar_path(weights)
+    if not sidecar.is_file():
+        raise DeltapatchError(f"{sidecar} not found: a registered base holds its weights and sidecar JSON")
+    settings = dict(json.loads(sidecar.read_text())["settings"])
+    settings["weights"] = str(weights)
+    return load_base({"base": settings, "_root": str(weights.parent)}, device)
+
+
+@dataclass
+class LoadedPatch:
+    task: str
+    meta: PatchMeta
+    version: str = ""
+    patch_dir: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Predictor:
+    """A base model with patches loaded for mixed-batch inference. Thread-safe."""
+
+    def __init__(self, base: BaseModel, device: torch.device | str | None = None) -> None:
+        self.base = base
+        self.device = torch.device(device) if device is not None else next(base.model.parameters()).device
+        self.net = DeltaNetwork(base.model).eval()
+        self.norm = Normalizer(base.settings.mean, base.settings.std, self.device)
+        self.patches: dict[str, LoadedPatch] = {}
+        self.lock = threading.RLock()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.net.base_fingerprint
+
+    @property
+    def input_size(self) -> int:
+        return int(self.base.settings.input_size)
+
+    def class_names(self, task: str) -> list[str]:
+        return list(self.base.class_names) if task == BASE else list(self.patches[task].meta.class_names)
+
+    def tasks(self) -> list[str]:
+        return [BASE, *self.patches]
+
+    def add_patch(self, patch_dir: Path, version: str = "", info: dict[str, Any] | None = None) -> LoadedPatch:
+        """Load (or replace) the patch in `patch_dir`; a patch for another base is refused and the
+        currently loaded version of that task, if any, stays in place."""
+        meta = read_patch_meta(patch_dir)
+        if meta.base_fingerprint != self.fingerprint:
+            raise FingerprintMismatch(
+                f"patch '{meta.task}' version {version or '?'} was trained on base {meta.base_fingerprint[:19]}…, "
+                f"but the running base is {self.fingerprint[:19]}…; refused (retrain it on this base or "
+                f"serve the base it was made for)"
+            )
+        with self.lock:
+            previous = self.patches.get(meta.task)
+            if meta.task in self.net.tasks:
+                self.net.remove_task(meta.task)
+            try:
+                load_patch(self.net, patch_dir)
+            except Exception:
+                if previous is not None and previous.patch_dir is not None:
+                    load_patch(self.net, previous.patch_dir)
+                raise
+            loaded = LoadedPatch(meta.task, meta, str(version), Path(patch_dir), dict(info or {}))
+            self.patches[meta.task] = loaded
+            self.net.eval()
+            return loaded
+
+    def remove_patch(self, task: str) -> None:
+        with self.lock:
+            if task in self.net.tasks:
+                self.net.remove_task(task)
+            self.patches.pop(task, None)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray | torch.Tensor, tasks: list[str] | str) -> list[dict[str, Any]]:
+        """images: (N, H, W, 3) uint8 (NHWC, as decoded) → per image {task, class, class_index, score, scores}."""
+        x = torch.as_tensor(np.asarray(images))
+        if x.dim() != 4 or x.shape[-1] != 3:
+            raise DeltapatchError(f"expected images of shape (N, H, W, 3), got {tuple(x.shape)}")
+        if x.dtype != torch.uint8:
+            raise DeltapatchError(f"expected uint8 images, got {x.dtype}")
+        if isinstance(tasks, str):
+            tasks = [tasks] * x.shape[0]
+        with self.lock:
+            unknown = sorted({t for t in tasks if t != BASE and t not in self.patches})
+            if unknown:
+                raise DeltapatchError(f"no patch loaded for task(s) {unknown}; loaded: {self.tasks()}")
+            if x.shape[0] == 0:
+                return []
+            logits = self.net(self.norm(x.permute(0, 3, 1, 2).contiguous()), tasks=list(tasks)).float().cpu()
+            results = []
+            for row, task in zip(logits, tasks, strict=True):
+                names = self.class_names(task)
+                probs = torch.softmax(row[: len(names)], dim=0)
+                index = int(probs.argmax())
+                results.append({
+                    "task": task,
+                    "version": self.patches[task].version if task != BASE else "",
+                    "class": names[index],
+                    "class_index": index,
+                    "score": float(probs[index]),
+                    "scores": {name: float(p) for name, p in zip(names, probs, strict=True)},
+                })
+            return results
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """PNG/JPEG bytes → (size, size, 3) uint8, resized like the training data."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = image.convert("RGB")
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DeltapatchError(f"cannot decode image ({exc})") from None
+
+
+def read_image_files(paths: list[Path], size: int) -> np.ndarray:
+    arrays = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise DeltapatchError(f"{path}: no such image file")
+        try:
+            arrays.append(decode_image(Path(path).read_bytes(), size))
+        except DeltapatchError as exc:
+            raise DeltapatchError(f"{path}: {exc}") from None
+    return np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,195 @@
+"""Where the patch registry lives — resolved in ONE place for every entry point.
+
+    1. ``MLFLOW_TRACKING_URI`` when set;
+    2. else the running local stack's MLflow server (``.deltapatch/stack/stack.json`` → ``mlflow_url``,
+       used only if it answers ``/health``);
+    3. else an embedded sqlite store ``.deltapatch/mlflow.db`` with artifacts in ``.deltapatch/mlartifacts``
+       (no server needed: ``deltapatch run``, the flows, ``patches``, ``predict`` and ``serve`` all work).
+
+This module imports no MLflow at module level (the CLI stays fast); :func:`configure` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltapatch.config import section, state_dir
+from deltapatch.errors import RegistryError
+
+STACK_FILE = Path("stack") / "stack.json"
+SQLITE_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
+@dataclass
+class RegistrySettings:
+    """params.yaml `registry:` section."""
+
+    model_prefix: str = "deltapatch-"
+    experiment: str = "deltapatch"
+    champion_alias: str = "champion"
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8765
+    poll_seconds: float = 5.0
+    retries: int = 3
+    retry_delay_s: float = 1.0
+    http_timeout_s: int = 20
+    lock_timeout_s: float = 120.0
+
+    def model_name(self, task: str) -> str:
+        return f"{self.model_prefix}{task}"
+
+    @property
+    def base_model_name(self) -> str:
+        return f"{self.model_prefix}base"
+
+
+def registry_settings(params: dict[str, Any]) -> RegistrySettings:
+    return section(params, "registry", RegistrySettings)
+
+
+def _health_ok(url: str, timeout: float = 1.5) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as response:  # noqa: S310
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def stack_mlflow_url(params: dict[str, Any]) -> str | None:
+    """The MLflow URL of the running local stack, or None (no state file, or it does not answer)."""
+    path = state_dir(params) / STACK_FILE
+    if not path.is_file():
+        return None
+    try:
+        url = json.loads(path.read_text()).get("mlflow_url")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return None
+    return url if isinstance(url, str) and url and _health_ok(url) else None
+
+
+def local_store(params: dict[str, Any]) -> tuple[str, Path]:
+    """(sqlite URI, artifact folder) of the embedded store in the project's state folder."""
+    folder = state_dir(params)
+    return f"sqlite:///{folder / SQLITE_DB}", folder / ARTIFACTS_DIR
+
+
+def resolve_tracking_uri(params: dict[str, Any]) -> str:
+    """The tracking (and registry) URI every deltapatch entry point uses."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    url = stack_mlflow_url(params)
+    if url:
+        return url
+    return local_store(params)[0]
+
+
+def artifact_location(params: dict[str, Any], uri: str) -> str | None:
+    """Artifact root for a new experiment: beside the sqlite DB for a sqlite store; the server's
+    own (proxied) artifact store for a server."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / ARTIFACTS_DIR).resolve().as_uri()
+    return None
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_reachable(uri: str, settings: RegistrySettings) -> None:
+    """For a server URI: retry `/health`, then fail with a clear message."""
+    if not is_http(uri):
+        return
+    for attempt in range(1, max(1, settings.retries) + 1):
+        if _health_ok(uri, timeout=min(5.0, float(settings.http_timeout_s))):
+            return
+        if attempt < settings.retries:
+            time.sleep(settings.retry_delay_s * attempt)
+    raise RegistryError(
+        f"MLflow at {uri} is unreachable (no answer to /health after {settings.retries} tries); start it "
+        f"(`deltapatch stack up`), fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite store"
+    )
+
+
+_configured: dict[str, str] = {}
+
+
+def configure(params: dict[str, Any], check: bool = True) -> str:
+    """Point this process's MLflow client at the resolved registry; ensure the experiment exists.
+
+    Returns the URI. Safe to call repeatedly (cheap after the first call per URI).
+    """
+    settings = registry_settings(params)
+    uri = resolve_tracking_uri(params)
+    # Bound MLflow's own HTTP retries (its default backs off for minutes); ours are in check_reachable.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.http_timeout_s))
+    if check:
+        check_reachable(uri, settings)
+    import mlflow
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    key = f"{uri}|{settings.experiment}"
+    if key not in _configured:
+        _configured[key] = _ensure_experiment(params, uri, settings.experiment)
+    mlflow.set_experiment(experiment_id=_configured[key])
+    return uri
+
+
+def _ensure_experiment(params: dict[str, Any], uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, uri)
+    try:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(params, uri))
+        except MlflowException:  # created concurrently
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+    except MlflowException as exc:
+        raise RegistryError(f"MLflow at {uri}: cannot open experiment '{name}' ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def experiment_id(params: dict[str, Any]) -> str:
+    """The id of the deltapatch experiment on the configured registry."""
+    uri = configure(params)
+    return _configured[f"{uri}|{registry_settings(params).experiment}"]
+
+
+def client(params: dict[str, Any]) -> Any:
+    """An MlflowClient on the configured registry."""
+    from mlflow.tracking import MlflowClient
+
+    uri = configure(params)
+    return MlflowClient(uri, uri)
+
+
+def ui_url(params: dict[str, Any]) -> str | None:
+    """The MLflow UI base URL when a server is in use (env var or the local stack), else None."""
+    uri = resolve_tracking_uri(params)
+    return uri.rstrip("/") if is_http(uri) else None

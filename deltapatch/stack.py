@@ -1,0 +1,434 @@
+"""The local stack: Prefect server, MLflow server, a `gpu` pool worker, the served deployments, the
+inbox watcher and the patch-serving app, all on 127.0.0.1, for one project.
+
+State lives in ``<project>/.deltapatch/stack/``: ``stack.json`` (URLs, ports, PIDs with their start
+times, log files), ``logs/<process>.log``, the Prefect home (``prefect/``: its SQLite database) and
+the MLflow store (``mlflow/mlflow.db`` + ``mlflow/artifacts``). Every process is started in its own
+session (process group); :func:`down` signals exactly the recorded groups, after checking that each
+PID still is the process that was started (same start time), with SIGTERM, a second SIGTERM for the
+Prefect worker (which ignores the first one for ~20 s), then SIGKILL after ``stack.stop_timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from deltapatch.config import ConfigError, project_root, section, state_dir
+from deltapatch.errors import DeltapatchError
+from deltapatch.telemetry import TELEMETRY_OFF
+
+STACK_FILE = "stack.json"
+PROCESS_ORDER = ("prefect", "mlflow", "worker", "deployments", "watcher", "serve")
+
+
+class StackError(DeltapatchError):
+    """The local stack could not be started, checked or stopped."""
+
+
+@dataclass
+class StackSettings:
+    """params.yaml `stack:` section.
+
+    host: interface every server binds to.
+    prefect_port, mlflow_port, serve_port: ports (a busy port stops `stack up` with a clear error).
+    gpu_pool: the Prefect work pool of the training step; pool_concurrency: runs at once on it
+        (0 = one per visible CUDA device, at least 1).
+    serve_app: also start the patch-serving HTTP app (deltapatch.serve) on serve_port.
+    startup_timeout, stop_timeout: seconds to wait for health / for processes to exit.
+    worker_query_seconds, runner_poll_seconds: how often the worker / the served deployments poll.
+    watch_interval, watch_stable_seconds: inbox polling period; how long a dropped dataset must stay
+        unchanged before it counts as complete.
+    """
+
+    host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    serve_port: int = 8000
+    gpu_pool: str = "gpu"
+    pool_concurrency: int = 0
+    serve_app: bool = True
+    startup_timeout: float = 240.0
+    stop_timeout: float = 30.0
+    worker_query_seconds: float = 2.0
+    runner_poll_seconds: float = 1.0
+    watch_interval: float = 1.0
+    watch_stable_seconds: float = 2.0
+
+
+def stack_settings(params: dict[str, Any]) -> StackSettings:
+    return section(params, "stack", StackSettings)
+
+
+def stack_dir(params: dict[str, Any]) -> Path:
+    path = state_dir(params) / "stack"
+    (path / "logs").mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_state(params: dict[str, Any]) -> dict[str, Any] | None:
+    path = state_dir(params) / "stack" / STACK_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _write_state(params: dict[str, Any], state: dict[str, Any]) -> None:
+    path = stack_dir(params) / STACK_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def urls(settings: StackSettings) -> dict[str, str]:
+    host = settings.host
+    return {
+        "prefect_url": f"http://{host}:{settings.prefect_port}",
+        "prefect_api_url": f"http://{host}:{settings.prefect_port}/api",
+        "mlflow_url": f"http://{host}:{settings.mlflow_port}",
+        "serve_url": f"http://{host}:{settings.serve_port}",
+    }
+
+
+def code_root() -> Path:
+    """The folder holding `flows/` (the source the deployments are built from)."""
+    import flows
+
+    return Path(flows.__file__).resolve().parent.parent
+
+
+def process_env(params: dict[str, Any], state: dict[str, Any] | None = None) -> dict[str, str]:
+    """Environment of every stack process (and of clients talking to the stack)."""
+    settings = stack_settings(params)
+    u = urls(settings)
+    env = dict(os.environ)
+    env.update(TELEMETRY_OFF)
+    root = project_root(params).resolve()
+    env.update({
+        "PREFECT_HOME": str(stack_dir(params) / "prefect"),
+        "PREFECT_API_URL": u["prefect_api_url"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_RUNNER_POLL_FREQUENCY": str(max(1, int(settings.runner_poll_seconds))),
+        "PREFECT_WORKER_QUERY_SECONDS": str(settings.worker_query_seconds),
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+        "PREFECT_UI_API_URL": u["prefect_api_url"],
+        "MLFLOW_TRACKING_URI": u["mlflow_url"],
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "DELTAPATCH_PROJECT": str(root),
+        "PYTHONUNBUFFERED": "1",
+    })
+    path = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_root()), path) if p)
+    return env
+
+
+# ------------------------------------------------------------------------------------- processes
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Kernel start time of `pid` (field 22 of /proc/PID/stat), None when it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        return "?"  # no /proc (macOS): existence only
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None  # zombie: exited
+    return fields[19]
+
+
+def is_running(entry: dict[str, Any]) -> bool:
+    """The recorded process still exists and is the one we started (same start time)."""
+    now = _proc_start_time(int(entry["pid"]))
+    return now is not None and (now == "?" or now == entry.get("start_time"))
+
+
+def _spawn(params: dict[str, Any], name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    log_path = stack_dir(params) / "logs" / f"{name}.log"
+    log = open(log_path, "ab")  # noqa: SIM115 (handed to the child)
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+    log.flush()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    return {"pid": proc.pid, "pgid": proc.pid, "start_time": _proc_start_time(proc.pid), "cmd": cmd,
+            "log": str(log_path)}
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _deltapatch_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("deltapatch")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from deltapatch.cli import app; app()"]
+
+
+def _commands(params: dict[str, Any], settings: StackSettings) -> dict[str, list[str]]:
+    sd = stack_dir(params)
+    (sd / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+    (sd / "prefect").mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    root = str(project_root(params).resolve())
+    cmds = {
+        "prefect": [py, "-m", "prefect", "server", "start", "--host", settings.host,
+                    "--port", str(settings.prefect_port)],
+        "mlflow": [py, "-m", "mlflow", "server", "--backend-store-uri",
+                   f"sqlite:///{(sd / 'mlflow' / 'mlflow.db').resolve()}", "--artifacts-destination",
+                   str((sd / "mlflow" / "artifacts").resolve()), "--host", settings.host,
+                   "--port", str(settings.mlflow_port), "--workers", "1"],
+        "worker": [py, "-m", "prefect", "worker", "start", "--pool", settings.gpu_pool, "--type", "process",
+                   "--name", f"gpu-worker-{socket.gethostname()}"],
+        "deployments": [py, "-m", "flows.serve", "--project", root],
+        "watcher": [*_deltapatch_cmd(), "watch", "--interval", str(settings.watch_interval),
+                    "--stable-seconds", str(settings.watch_stable_seconds)],
+        "serve": [py, "-m", "uvicorn", "--factory", "deltapatch.stack:serve_app_factory", "--host", settings.host,
+                  "--port", str(settings.serve_port)],
+    }
+    if not settings.serve_app or not _serve_available():
+        cmds.pop("serve")
+    return cmds
+
+
+def _serve_available() -> bool:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("deltapatch.serve")
+    except ImportError:
+        return False
+    if spec is None or not spec.origin:
+        return False
+    return "def create_app" in Path(spec.origin).read_text()
+
+
+def serve_app_factory() -> Any:
+    """uvicorn --factory entry: the registry's serving app for $DELTAPATCH_PROJECT."""
+    from deltapatch.config import load_params
+    from deltapatch.serve import create_app
+
+    return create_app(load_params())
+
+
+# ------------------------------------------------------------------------------------- health
+
+
+def _health(params: dict[str, Any], name: str, state: dict[str, Any]) -> tuple[bool, str]:
+    """(healthy, detail) of one process."""
+    import httpx
+
+    settings = stack_settings(params)
+    u = urls(settings)
+    entry = state.get("processes", {}).get(name)
+    if not entry or not is_running(entry):
+        return False, "not running"
+    try:
+        if name == "prefect":
+            return (_http_ok(u["prefect_api_url"] + "/health"), u["prefect_url"])
+        if name == "mlflow":
+            return (_http_ok(u["mlflow_url"] + "/health"), u["mlflow_url"])
+        if name == "serve":
+            return (_http_ok(u["serve_url"] + "/health") or _http_ok(u["serve_url"] + "/docs"), u["serve_url"])
+        if name == "worker":
+            r = httpx.post(f"{u['prefect_api_url']}/work_pools/{settings.gpu_pool}/workers/filter", json={}, timeout=3)
+            online = [w["name"] for w in (r.json() if r.status_code == 200 else []) if w.get("status") == "ONLINE"]
+            return bool(online), f"pool '{settings.gpu_pool}': {len(online)} online worker(s)"
+        if name == "deployments":
+            names = ["patch-task/patch-task", "train-patch/gpu", "rollback-patch/rollback-patch"]
+            found = []
+            for dep in names:
+                r = httpx.get(f"{u['prefect_api_url']}/deployments/name/{dep}", timeout=3)
+                if r.status_code == 200 and (dep == "train-patch/gpu" or r.json().get("status") == "READY"):
+                    found.append(dep)
+            return len(found) == len(names), f"{len(found)}/{len(names)} deployments ready"
+        if name == "watcher":
+            beat = stack_dir(params) / "watcher.heartbeat"
+            age = time.time() - beat.stat().st_mtime if beat.exists() else float("inf")
+            return age < 15 * max(1.0, settings.watch_interval), f"inbox polled {age:.0f} s ago" if age != float("inf") else "no heartbeat yet"
+    except (httpx.HTTPError, ValueError) as exc:
+        return False, f"health check failed: {exc}"
+    return True, ""
+
+
+def status(params: dict[str, Any]) -> dict[str, Any]:
+    """URLs and per-process health (pid, running, healthy, detail, log)."""
+    state = read_state(params) or {}
+    out = {"urls": state.get("urls", urls(stack_settings(params))), "processes": {}, "running": False}
+    for name in PROCESS_ORDER:
+        entry = state.get("processes", {}).get(name)
+        if entry is None:
+            continue
+        healthy, detail = _health(params, name, state)
+        running = is_running(entry)
+        out["processes"][name] = {"pid": entry["pid"], "running": running, "healthy": healthy,
+                                  "detail": detail, "log": entry["log"]}
+        out["running"] = out["running"] or running
+    return out
+
+
+# ------------------------------------------------------------------------------------- up / down
+
+
+def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Start every process, wait until each is healthy; on any failure stop what was started."""
+    say = on_progress or (lambda _msg: None)
+    settings = stack_settings(params)
+    previous = read_state(params)
+    if previous and any(is_running(e) for e in previous.get("processes", {}).values()):
+        raise StackError("the stack of this project is already running (see `deltapatch stack status`); "
+                         "stop it first with `deltapatch stack down`")
+    ports = {"stack.prefect_port": settings.prefect_port, "stack.mlflow_port": settings.mlflow_port}
+    if settings.serve_app and _serve_available():
+        ports["stack.serve_port"] = settings.serve_port
+    busy = [f"{key}={port}" for key, port in ports.items() if not _port_free(settings.host, int(port))]
+    if busy:
+        raise StackError(f"port(s) already in use on {settings.host}: {', '.join(busy)}; stop whatever holds "
+                         f"them or pick other ports in params.yaml (stack: section)")
+    if len(set(ports.values())) != len(ports):
+        raise ConfigError(f"params.yaml: stack ports must differ, got {ports}")
+    env = process_env(params)
+    root = project_root(params).resolve()
+    cmds = _commands(params, settings)
+    state: dict[str, Any] = {"project": str(root), "urls": urls(settings), "processes": {},
+                             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_root": str(code_root()),
+                             **{k: v for k, v in urls(settings).items()}}
+    deadline = time.monotonic() + settings.startup_timeout
+
+    def start(names: list[str]) -> None:
+        for name in names:
+            if name in cmds:
+                state["processes"][name] = _spawn(params, name, cmds[name], env, root)
+                say(f"started {name} (pid {state['processes'][name]['pid']})")
+        _write_state(params, state)
+        wait_healthy(params, [n for n in names if n in cmds], state, deadline, say)
+
+    try:
+        start(["prefect", "mlflow"])
+        start(["worker", "deployments", "watcher", "serve"])
+    except BaseException:
+        say("start-up failed: stopping what was started")
+        down(params)
+        raise
+    return status(params)
+
+
+def wait_healthy(params: dict[str, Any], names: list[str], state: dict[str, Any], deadline: float,
+                 say: Callable[[str], None]) -> None:
+    pending = list(names)
+    while pending:
+        for name in list(pending):
+            entry = state["processes"][name]
+            if not is_running(entry):
+                tail = _tail(Path(entry["log"]))
+                raise StackError(f"{name} exited during start-up; last lines of {entry['log']}:\n{tail}")
+            healthy, detail = _health(params, name, state)
+            if healthy:
+                say(f"{name} healthy ({detail})")
+                pending.remove(name)
+        if pending and time.monotonic() > deadline:
+            raise StackError(f"timed out waiting for {', '.join(pending)} to become healthy; see the logs in "
+                             f"{stack_dir(params) / 'logs'} (or raise stack.startup_timeout)")
+        if pending:
+            time.sleep(1.0)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def down(params: dict[str, Any], on_progress: Callable[[str], None] | None = None) -> list[str]:
+    """Stop exactly the recorded processes (their process groups); returns the names stopped."""
+    say = on_progress or (lambda _msg: None)
+    settings = stack_settings(params)
+    state = read_state(params)
+    if not state:
+        return []
+    stopped = []
+    entries = state.get("processes", {})
+    order = [n for n in reversed(PROCESS_ORDER) if n in entries]
+    live = {n: entries[n] for n in order if is_running(entries[n])}
+    for name, entry in live.items():
+        _signal_group(entry, signal.SIGTERM)
+    if "worker" in live:  # the Prefect worker ignores the first SIGTERM for ~20 s; a second ends it
+        time.sleep(1.0)
+        if is_running(live["worker"]):
+            _signal_group(live["worker"], signal.SIGTERM)
+    deadline = time.monotonic() + settings.stop_timeout
+    while any(is_running(e) for e in live.values()) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    for name, entry in live.items():
+        if is_running(entry):
+            say(f"{name} did not stop within {settings.stop_timeout:.0f} s: SIGKILL")
+            _signal_group(entry, signal.SIGKILL)
+        stopped.append(name)
+        say(f"stopped {name} (pid {entry['pid']})")
+    # children left in a group whose leader exited (e.g. a flow-run subprocess): kill the group
+    for entry in live.values():
+        _signal_group(entry, signal.SIGKILL, leader_check=False)
+    state["processes"] = {}
+    state["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_state(params, state)
+    return stopped
+
+
+def _signal_group(entry: dict[str, Any], sig: int, leader_check: bool = True) -> None:
+    """Signal the process group we created; only while its leader is still the recorded process,
+    or (leader_check False) when the group still exists without its leader."""
+    pgid = int(entry.get("pgid", entry["pid"]))
+    if leader_check and not is_running(entry):
+        return
+    if not leader_check and _proc_start_time(pgid) is not None:
+        return  # the pid exists again but is not ours (or still ours; handled above)
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def client_env(params: dict[str, Any]) -> dict[str, str] | None:
+    """PREFECT_API_URL/PREFECT_HOME/MLFLOW_TRACKING_URI of the running stack, None when it is down."""
+    state = read_state(params)
+    if not state or not any(is_running(e) for e in state.get("processes", {}).values()):
+        return None
+    env = process_env(params, state)
+    return {k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+
+
+def settings_dict(params: dict[str, Any]) -> dict[str, Any]:
+    return asdict(stack_settings(params))

@@ -1,0 +1,89 @@
+"""Deployments of the flows.
+
+- ``patch-task/patch-task``: served (by ``flows.serve``), started by a ``DeploymentEventTrigger`` on
+  the event ``deltapatch.task.arrived``, with ``task_name`` and ``path`` templated from the event.
+- ``rollback-patch/rollback-patch``: served, run on demand.
+- ``train-patch/gpu``: on the work pool ``gpu`` (type process; concurrency = one run per GPU), built
+  with ``flow.from_source(<code folder>, "flows/patch_task.py:train_patch_flow").deploy(...)`` and
+  picked up by ``prefect worker start --pool gpu`` on each GPU machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ARRIVED_EVENT = "deltapatch.task.arrived"
+TASK_RESOURCE_PREFIX = "deltapatch.task."
+TASK_NAME_LABEL = "deltapatch.task.name"
+TRAIN_DEPLOYMENT_NAME = "gpu"
+
+
+def arrival_trigger() -> Any:
+    """The trigger that starts `patch-task` for each arrival event (one run per event)."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name="on-task-arrival",
+        expect={ARRIVED_EVENT},
+        match={"prefect.resource.id": f"{TASK_RESOURCE_PREFIX}*"},
+        parameters={
+            "task_name": "{{ event.resource['" + TASK_NAME_LABEL + "'] }}",
+            "path": "{{ event.payload.path }}",
+        },
+    )
+
+
+def pool_concurrency(configured: int) -> int:
+    """Configured value, or one run per visible CUDA device (at least 1)."""
+    if configured and configured > 0:
+        return int(configured)
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:
+        return 1
+
+
+def ensure_pool(pool: str, concurrency: int) -> None:
+    """Create the process work pool if missing and set its concurrency limit."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process", concurrency_limit=concurrency))
+            except ObjectAlreadyExists:
+                pass
+        client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=concurrency))
+
+
+def deploy_training(project: str, pool: str = "gpu", code_root: Path | None = None) -> Any:
+    """Register `train-patch/gpu` on the work pool (the worker runs it from the code folder)."""
+    from flows.patch_task import train_patch_flow
+
+    source = Path(code_root or Path(__file__).resolve().parent.parent)
+    remote = train_patch_flow.from_source(source=str(source), entrypoint="flows/patch_task.py:train_patch_flow")
+    return remote.deploy(name=TRAIN_DEPLOYMENT_NAME, work_pool_name=pool, parameters={"project": project},
+                         description="Train one Δ-patch (device auto: CUDA + AMP when present).",
+                         tags=["deltapatch", "gpu"], build=False, push=False, print_next_steps=False)
+
+
+def served_deployments(project: str) -> list[Any]:
+    """`patch-task` (with the arrival trigger) and `rollback-patch`, for `prefect.serve`."""
+    from flows.patch_task import patch_task_flow, rollback_patch_flow
+
+    patch = patch_task_flow.to_deployment(
+        name="patch-task", triggers=[arrival_trigger()], parameters={"project": project, "train_on": "auto"},
+        description="New task dataset → ingest, version, train on the gpu pool, gate, register, promote.",
+        tags=["deltapatch"],
+    )
+    rollback = rollback_patch_flow.to_deployment(name="rollback-patch", parameters={"project": project},
+                                                 description="Point a task's champion back to an older version.",
+                                                 tags=["deltapatch"])
+    return [patch, rollback]

@@ -1,0 +1,185 @@
+"""Prefect flows: `patch-task` (a new task arrives → a promoted Δ-patch), `train-patch` (the GPU step,
+deployed on the `gpu` work pool) and `rollback-patch`.
+
+The flows only orchestrate: every step is a call into :mod:`deltapatch.pipeline`. Each flow takes
+`project` (the project folder; default ``$DELTAPATCH_PROJECT`` or the current folder).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.tasks import exponential_backoff
+
+from deltapatch import pipeline
+from deltapatch.telemetry import disable_telemetry
+
+disable_telemetry()
+
+TRAIN_DEPLOYMENT = "train-patch/gpu"
+NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2)
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+
+@task(name="ingest-and-validate", task_run_name="ingest {path}")
+def ingest_task(project: str | None, path: str, task_name: str | None) -> dict[str, Any]:
+    return pipeline.ingest_step(pipeline.project_params(project), path, task_name)
+
+
+@task(name="version-data", **NETWORK_RETRIES)
+def version_task(project: str | None, ingested: dict[str, Any]) -> dict[str, Any]:
+    return pipeline.version_step(pipeline.project_params(project), ingested)
+
+
+@task(name="train-delta-patch", task_run_name="train {task_name}", retries=2, retry_delay_seconds=1)
+def train_task(project: str | None, task_name: str, task_dir: str, data_version: str, manifest_sha256: str,
+               epochs: int | None = None) -> dict[str, Any]:
+    """Checkpoints every epoch; a retry resumes from the last finished epoch."""
+    params = pipeline.project_params(project)
+    logger = get_run_logger()
+
+    def on_epoch(record: Any) -> None:
+        logger.info("epoch %d: loss %.3f, train acc %.3f, val acc %.3f (%.1f s)", record.epoch,
+                    record.train_loss, record.train_acc, record.val_acc, record.seconds)
+
+    trained = pipeline.train_step(params, task_name, task_dir, data_version, manifest_sha256=manifest_sha256,
+                                  epochs=epochs, on_epoch=on_epoch)
+    if trained["resumed_from_epoch"]:
+        logger.info("resumed from the checkpoint after epoch %d", trained["resumed_from_epoch"])
+    return trained
+
+
+@task(name="train-on-gpu-pool", task_run_name="train {task_name} on the gpu pool", retries=1, retry_delay_seconds=2)
+def train_on_pool_task(project: str | None, task_name: str, task_dir: str, data_version: str,
+                       manifest_sha256: str, epochs: int | None = None) -> dict[str, Any]:
+    """Run the `train-patch/gpu` deployment and wait; a retry starts a new run that resumes."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    run = run_deployment(TRAIN_DEPLOYMENT, parameters=dict(project=project, task_name=task_name, task_dir=task_dir,
+                                                           data_version=data_version, manifest_sha256=manifest_sha256,
+                                                           epochs=epochs),
+                         timeout=None, poll_interval=2, flow_run_name=f"train-{task_name}")
+    logger.info("training run %s ended %s", run.name, run.state.name if run.state else "?")
+    if run.state is None or not run.state.is_completed():
+        raise RuntimeError(f"training run {run.name} ended {run.state.name if run.state else 'without a state'}: "
+                           f"{run.state.message if run.state else ''}")
+    return run.state.result()
+
+
+@task(name="non-regression-gate", task_run_name="gate {task_name}")
+def gate_task(project: str | None, task_name: str, trained: dict[str, Any]) -> dict[str, Any]:
+    params = pipeline.project_params(project)
+    patch_dir = pipeline.materialise_patch(params, trained)
+    result = pipeline.gate_step(params, task_name, patch_dir)
+    get_run_logger().info(result.message)
+    return result.as_dict()
+
+
+@task(name="register-in-mlflow", **NETWORK_RETRIES)
+def register_task(project: str | None, trained: dict[str, Any], gate: dict[str, Any], data_version: str) -> dict[str, Any]:
+    from deltapatch.gate import GateResult
+
+    return pipeline.register_step(pipeline.project_params(project), trained, GateResult.from_dict(gate), data_version)
+
+
+@task(name="promote", **NETWORK_RETRIES)
+def promote_task(project: str | None, task_name: str, version: str) -> dict[str, Any]:
+    return pipeline.promote_step(pipeline.project_params(project), task_name, version)
+
+
+# ------------------------------------------------------------------------------------------- flows
+
+
+@flow(name="train-patch", flow_run_name="train-{task_name}", persist_result=True)
+def train_patch_flow(task_name: str, task_dir: str, data_version: str = "", manifest_sha256: str = "",
+                     epochs: int | None = None, project: str | None = None) -> dict[str, Any]:
+    """The GPU step: train one Δ-patch (device auto: CUDA + AMP when present, else CPU)."""
+    return train_task(project, task_name, task_dir, data_version, manifest_sha256 or None, epochs)
+
+
+def _pool_available() -> bool:
+    """True when the training deployment exists and a worker of its pool is online."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+            workers = client.read_workers_for_work_pool(deployment.work_pool_name or "gpu")
+    except (ObjectNotFound, Exception):  # no server, ephemeral API, no deployment
+        return False
+    return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    return f"patch-{params.get('task_name') or Path(str(params.get('path', 'task'))).name}"
+
+
+@flow(name="patch-task", flow_run_name=_run_name)
+def patch_task_flow(path: str, task_name: str | None = None, project: str | None = None,
+                    train_on: str = "auto", epochs: int | None = None) -> dict[str, Any]:
+    """A new task dataset → validated, versioned, trained, gated, registered and promoted Δ-patch.
+
+    train_on: "pool" (the `train-patch/gpu` deployment on the GPU work pool), "inline" (in this
+    process, as a sub-flow) or "auto" (the pool when its deployment and an online worker exist).
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    logger = get_run_logger()
+    started = time.perf_counter()
+    name_for_artifact = task_name or Path(path).name
+    try:
+        ingested = ingest_task(project, path, task_name)
+    except Exception as exc:
+        create_markdown_artifact(key=pipeline.artifact_key(name_for_artifact),
+                                 markdown=f"# Δ-patch `{name_for_artifact}`: ❌ rejected\n\n{exc}\n",
+                                 description="dataset rejected")
+        raise
+    name = ingested["task"]
+    logger.info("ingested '%s' (%s): data version %s", name, ingested["status"], ingested["data_version"])
+    version_task(project, ingested)
+    args = (project, name, ingested["task_dir"], ingested["data_version"], ingested["manifest_sha256"], epochs)
+    use_pool = train_on == "pool" or (train_on == "auto" and _pool_available())
+    if use_pool:
+        trained = train_on_pool_task(*args)
+    else:
+        trained = train_patch_flow(task_name=name, task_dir=ingested["task_dir"], data_version=ingested["data_version"],
+                                   manifest_sha256=ingested["manifest_sha256"], epochs=epochs, project=project)
+    logger.info("trained on %s: patch accuracy %.3f", trained.get("device"), trained["metrics"]["patch_acc"])
+    gate = gate_task(project, name, trained)
+    registered = register_task(project, trained, gate, ingested["data_version"])
+    outcome = pipeline.PipelineOutcome(name, "promoted" if gate["passed"] else "gate-failed", ingested["data_version"],
+                                       registered["version"], trained["metrics"], gate, registered["mlflow_url"],
+                                       time.perf_counter() - started, gate["message"])
+    if gate["passed"]:
+        promote_task(project, name, registered["version"])
+    create_markdown_artifact(key=pipeline.artifact_key(name), markdown=pipeline.summary_markdown(outcome),
+                             description=f"Δ-patch {name}: {outcome.status}")
+    if not gate["passed"]:
+        from deltapatch.errors import GateFailed
+
+        raise GateFailed(f"{gate['message']}; version {registered['version']} registered as failed, not promoted")
+    result = outcome.as_dict()
+    result["device"] = trained.get("device")
+    result["resumed_from_epoch"] = trained.get("resumed_from_epoch", 0)
+    return result
+
+
+@flow(name="rollback-patch", flow_run_name="rollback-{task_name}")
+def rollback_patch_flow(task_name: str, to: str | None = None, reason: str = "", project: str | None = None) -> dict[str, Any]:
+    """Point the task's serving alias back at an earlier version (default: the previous champion)."""
+    from deltapatch import registry
+
+    params = pipeline.project_params(project)
+    result = registry.rollback(params, task_name, to=to, reason=reason or "rollback-patch flow")
+    get_run_logger().info("rolled back %s: %s", task_name, result)
+    return {"task": task_name, "result": result if isinstance(result, dict | str | int | None) else str(result)}

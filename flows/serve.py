@@ -1,0 +1,40 @@
+"""Process entry that `deltapatch stack up` starts: set up the gpu pool and the training deployment,
+then serve `patch-task` (event-triggered) and `rollback-patch` until stopped.
+
+    python -m flows.serve --project /path/to/project [--pool gpu] [--limit 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from deltapatch.telemetry import disable_telemetry
+
+disable_telemetry()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--project", default=os.environ.get("DELTAPATCH_PROJECT"))
+    parser.add_argument("--pool", default=None)
+    parser.add_argument("--limit", type=int, default=4, help="patch-task runs at once in this process")
+    args = parser.parse_args(argv)
+
+    from prefect import serve
+
+    from deltapatch.config import load_params, project_root
+    from deltapatch.stack import stack_settings
+    from flows.deployments import deploy_training, ensure_pool, pool_concurrency, served_deployments
+
+    params = load_params(None if args.project is None else __import__("pathlib").Path(args.project))
+    project = str(project_root(params).resolve())
+    settings = stack_settings(params)
+    pool = args.pool or settings.gpu_pool
+    ensure_pool(pool, pool_concurrency(settings.pool_concurrency))
+    deploy_training(project, pool)
+    serve(*served_deployments(project), limit=args.limit, pause_on_shutdown=False, print_starting_message=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Shared fixtures: a throw-away deltapatch project with a quickly pre-trained base model.
+
+`make_project(folder, overrides)` copies the repository's params.yaml into `folder`, applies
+overrides (nested dicts) and returns the loaded params. The session-scoped `base_project` has base
+weights pre-trained for one epoch (≈20 s on 2 cores), shared by every test that needs a real base.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deltapatch.telemetry import disable_telemetry
+
+disable_telemetry()
+os.environ.setdefault("GIT_AUTHOR_NAME", "deltapatch-tests")
+os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@localhost")
+os.environ.setdefault("GIT_COMMITTER_NAME", "deltapatch-tests")
+os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@localhost")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def make_project(folder: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create a project (params.yaml only) in `folder`; returns its loaded params."""
+    from deltapatch.config import load_params
+
+    folder.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    _merge(params, {"train": {"threads": 0}, **(overrides or {})})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return load_params(folder)
+
+
+@pytest.fixture(scope="session")
+def base_project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A project whose base model is pre-trained for 1 epoch (shared, read-only for tests)."""
+    from deltapatch.models.pretrain import pretrain_base
+
+    folder = tmp_path_factory.mktemp("base-project")
+    params = make_project(folder, {"pretrain": {"epochs": 1}})
+    pretrain_base(params, progress=False)
+    return params
+
+
+@pytest.fixture
+def project(base_project: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """A fresh project folder that reuses the session's base weights (copied, so tests may modify)."""
+    from deltapatch.config import load_params
+
+    source = Path(base_project["_root"])
+    shutil.copy(source / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(source / "models", tmp_path / "models")
+    return copy.deepcopy(load_params(tmp_path))

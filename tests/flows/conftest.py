@@ -1,0 +1,52 @@
+"""Fixtures of the orchestration tests: tiny ingested tasks and a real Prefect test server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_project
+
+TINY = {"train": {"epochs": 1, "batch_size": 32}, "gate": {"min_patch_accuracy": 0.0}}
+
+
+def write_task(folder: Path, name: str, per_class: int = 12, seed: int = 0) -> Path:
+    """An embedded task as an ImageFolder (<folder>/<name>/<class>/<image>.png)."""
+    from deltapatch.data.builtin import write_imagefolder
+
+    return write_imagefolder(name, folder, 32, seed, per_class)
+
+
+def new_project(base_project: dict[str, Any], folder: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A project in `folder` sharing the session's base weights, with a git + DVC repo."""
+    import shutil
+
+    from deltapatch.data.versioning import ensure_project_repo
+
+    merged: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
+    for key, value in (overrides or {}).items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    params = make_project(folder, merged)
+    shutil.copytree(Path(base_project["_root"]) / "models", folder / "models", dirs_exist_ok=True)
+    ensure_project_repo(folder, params)
+    return params
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One real Prefect API (temporary server + SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MLflow server leaking in from the developer's shell: each project uses its own sqlite store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DELTAPATCH_PROJECT", raising=False)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

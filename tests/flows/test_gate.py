@@ -1,0 +1,74 @@
+"""The non-regression gate on real patches (trained for one epoch on tiny tasks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltapatch import pipeline
+from deltapatch.gate import Champion, run_gate
+from tests.flows.conftest import new_project, write_task
+
+
+@pytest.fixture(scope="module")
+def trained(base_project: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A project with two ingested tasks and a trained patch for each."""
+    folder = tmp_path_factory.mktemp("gate-project")
+    params = new_project(base_project, folder)
+    src = tmp_path_factory.mktemp("gate-src")
+    out = {"params": params}
+    for name in ("shapes", "glyphs"):
+        ingested = pipeline.ingest_step(params, write_task(src, name), name)
+        out[name] = (ingested, pipeline.train_step(params, name, ingested["task_dir"], ingested["data_version"],
+                                                   manifest_sha256=ingested["manifest_sha256"]))
+    return out
+
+
+def _champion(trained: dict[str, Any], acc: float | None = None) -> Champion:
+    ingested, result = trained["glyphs"]
+    return Champion("glyphs", "1", Path(result["patch_dir"]),
+                    result["metrics"]["patch_acc"] if acc is None else acc, ingested["data_version"])
+
+
+def test_gate_passes_with_champion_beside(trained: dict[str, Any]) -> None:
+    params = trained["params"]
+    result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [_champion(trained)])
+    assert result.passed, result.message
+    assert result.base_bit_identical
+    names = [c.name for c in result.checks]
+    assert names == ["base", "interference:glyphs", "patch_accuracy"]
+    inter = result.check("interference:glyphs")
+    assert inter.extra["reference_source"] == "registered" and inter.extra["drop"] == pytest.approx(0.0)
+    assert "reproduced" in inter.detail
+
+
+def test_gate_fails_below_min_accuracy_and_says_by_how_much(trained: dict[str, Any]) -> None:
+    params = dict(trained["params"], gate={"min_patch_accuracy": 1.0, "interference_tolerance": 0.0})
+    result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [])
+    acc = result.check("patch_accuracy").value
+    assert acc < 1.0  # one epoch on 12 images per class
+    assert not result.passed
+    assert f"short by {1.0 - acc:.3f}" in result.message and "patch_accuracy" in result.message
+
+
+def test_gate_fails_on_interference_with_registered_accuracy(trained: dict[str, Any]) -> None:
+    params = trained["params"]
+    registered = trained["glyphs"][1]["metrics"]["patch_acc"] + 0.2
+    result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [_champion(trained, registered)])
+    assert not result.passed
+    assert [c.name for c in result.failed] == ["interference:glyphs"]
+    assert "DROPPED by 0.200" in result.message
+
+
+def test_gate_fails_when_base_route_differs(trained: dict[str, Any]) -> None:
+    from deltapatch.patching import open_session
+
+    params = trained["params"]
+    session = open_session(params)
+    session.reference_logits = session.reference_logits + 1e-3  # a reference the base route cannot match
+    result = run_gate(params, session, "shapes", Path(trained["shapes"][1]["patch_dir"]), [])
+    assert [c.name for c in result.failed] == ["base"]
+    assert "NOT bit-identical" in result.message and "0.001" in result.message
+    assert result.as_dict()["passed"] is False
