@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ class BenchSettings:
                                                       "glyphs", "shapes"])
     epochs: int = 6
     max_train_per_class: int | None = None  # cap on training images per class (None: all)
+    max_eval_per_class: int | None = None  # cap on val/test images per class, base task too (None: all)
+    keep_files: bool = False  # keep OUT/patches/<method>/<task>/ (full-ft/paint: a 45 MB model each)
     latency_batch: int = 64
     latency_repeats: int = 5
     latency_warmup: int = 2
@@ -59,7 +62,11 @@ class BenchSettings:
         unknown = sorted(set(self.quick) - known)
         if unknown:
             raise ConfigError(f"params.yaml: unknown key(s) {unknown} in bench.quick; known: {sorted(known)}")
-        return dataclasses.replace(self, **self.quick)
+        overrides = dict(self.quick)
+        options = {m: dict(o or {}) for m, o in self.method_options.items()}
+        for method, extra in (overrides.pop("method_options", None) or {}).items():
+            options[method] = {**options.get(method, {}), **(extra or {})}  # merged per method
+        return dataclasses.replace(self, **overrides, method_options=options)
 
 
 @dataclass
@@ -96,7 +103,10 @@ def run_method(method_name: str, data: TaskData, context: Any, bench: BenchSetti
     labels = context.base_data.test.labels
     pristine_acc = accuracy(context.reference_logits, labels)
     base_acc = accuracy(base_logits, labels)
-    size = method.save(out_dir / "patches" / method_name / data.name)
+    folder = out_dir / "patches" / method_name / data.name
+    size = method.save(folder)
+    if not bench.keep_files:  # measured on disk; the copies themselves are not needed afterwards
+        shutil.rmtree(folder, ignore_errors=True)
     unmerged, merged = _latencies(method, context, bench)
     trainable_params = method.trainable_params()
     row = {
@@ -116,7 +126,7 @@ def _notes(method: Any) -> list[str]:
     notes = []
     if hasattr(method, "alpha_scores"):
         notes.append(f"α = {method.alpha:.2f} (val mean accuracy per α: "
-                     + ", ".join(f"{a:.1f}→{s:.3f}" for a, s in method.alpha_scores.items()) + ")")
+                     + ", ".join(f"{a:g}→{s:.3f}" for a, s in method.alpha_scores.items()) + ")")
     if hasattr(method, "base_bn_stats_changed"):
         notes.append(f"base BatchNorm running stats changed by training: max |Δ| = {method.base_bn_stats_changed():.4g}")
     return notes
@@ -176,7 +186,7 @@ def run_bench(params: dict[str, Any], methods: list[str] | None = None, tasks: l
         raise DeltapatchError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    context, train = _open_context(params, progress)
+    context, train = _open_context(params, bench, seed=int(params.get("seed", 0)), progress=progress)
     seed = int(params.get("seed", 0))
     base_total = sum(p.numel() for p in context.base.model.parameters())
     base_file_bytes = context.base.weights_path.stat().st_size
@@ -203,7 +213,8 @@ def run_bench(params: dict[str, Any], methods: list[str] | None = None, tasks: l
     return frame
 
 
-def _open_context(params: dict[str, Any], progress: bool) -> tuple[Any, TrainSettings]:
+def _open_context(params: dict[str, Any], bench: BenchSettings, *, seed: int,
+                  progress: bool) -> tuple[Any, TrainSettings]:
     """Load (pre-training if missing) the base model and its pristine base-test logits."""
     from deltapatch.baselines import BenchContext
     from deltapatch.data.sources import base_eval_data
@@ -218,16 +229,23 @@ def _open_context(params: dict[str, Any], progress: bool) -> tuple[Any, TrainSet
     pretrain_base(params, progress=progress)
     base = load_base(params, device)
     norm = Normalizer(base.settings.mean, base.settings.std, device)
-    base_data = base_eval_data(params)
+    base_data = _capped(base_eval_data(params), bench, seed)
     reference = pristine_logits(base.model, base_data.test, norm)
     return BenchContext(params, base, norm, base_data, reference, device), train
 
 
 def _task_data(params: dict[str, Any], task: str, bench: BenchSettings, seed: int, loader: Callable) -> TaskData:
-    data = loader(params, task)
+    return _capped(loader(params, task), bench, seed)
+
+
+def _capped(data: TaskData, bench: BenchSettings, seed: int) -> TaskData:
+    """`data` with the per-class caps of `bench` applied (class-balanced, deterministic)."""
+    data = copy.copy(data)
     if bench.max_train_per_class:
-        data = copy.copy(data)
         data.train = data.train.limit_per_class(int(bench.max_train_per_class), seed)
+    if bench.max_eval_per_class:
+        data.val = data.val.limit_per_class(int(bench.max_eval_per_class), seed)
+        data.test = data.test.limit_per_class(int(bench.max_eval_per_class), seed)
     return data
 
 
@@ -311,9 +329,9 @@ def write_markdown(frame: Any, runs: list[MethodRun], path: Path, *, default_met
     ]
     checks = target_checks(frame, default_method)
     parts[-1] += "".join(f"\n| {t} | {r} | {_fmt(v)} |" for t, r, v in checks) if checks else "\n| (not run) | n/a | |"
-    parts += ["## All runs", _table(frame), "## Notes",
-              f"- pristine base model unchanged after every method: {'yes' if base_untouched else 'NO'}"]
-    parts += [f"- {r.row['method']} / {r.row['task']}: {note}" for r in runs for note in r.notes]
+    notes = [f"- pristine base model unchanged after every method: {'yes' if base_untouched else 'NO'}"]
+    notes += [f"- {r.row['method']} / {r.row['task']}: {note}" for r in runs for note in r.notes]
+    parts += ["## All runs", _table(frame), "## Notes", "\n".join(notes)]
     path.write_text("\n\n".join(parts) + "\n")
 
 
@@ -328,8 +346,11 @@ def write_plot(frame: Any, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     for i, (method, row) in enumerate(means.iterrows()):
         left.scatter(row.base_acc_change, row.patch_acc, s=70, marker="osD^v<>ph"[i % 9], label=method)
-        left.annotate(method, (row.base_acc_change, row.patch_acc), textcoords="offset points", xytext=(5, 5))
+        # Staggered offsets: methods that land on the same point stay readable.
+        left.annotate(method, (row.base_acc_change, row.patch_acc), textcoords="offset points",
+                      xytext=(6, -14 + 10 * (i % 4)), fontsize=8)
     left.axvline(0, color="grey", lw=0.8, ls="--")
+    left.legend(fontsize=7, loc="best")
     left.set(xlabel="base accuracy change (mean over tasks)", ylabel="patch accuracy (mean over tasks)",
              title="patch accuracy vs. base-task change")
     pivot = frame.pivot(index="task", columns="method", values="patch_acc")[list(means.index)]

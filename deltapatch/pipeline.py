@@ -15,6 +15,7 @@ never promoted) and raises :class:`~deltapatch.errors.GateFailed` naming the che
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import time
@@ -89,7 +90,9 @@ def checkpoint_path(params: dict[str, Any], task: str, manifest_sha256: str) -> 
 
 
 def patch_out_dir(params: dict[str, Any], task: str, manifest_sha256: str) -> Path:
-    return state_dir(params) / "patches" / task / manifest_sha256[:16]
+    # The folder is called "patch": MLflow logs a pyfunc artifact folder under its own name, and the
+    # registry expects artifacts/patch/ (see registry.register_patch).
+    return state_dir(params) / "patches" / task / manifest_sha256[:16] / "patch"
 
 
 def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[str], data_version: str = "", *,
@@ -133,6 +136,7 @@ def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[st
                        "pristine_acc": result.base_check.pristine_acc},
         "resumed_from_epoch": result.fit.resumed_from_epoch,
         "epochs_run": len(result.fit.history),
+        "history": [dataclasses.asdict(r) for r in result.fit.history],
         "device": _device_name(params),
         "data_version": data_version,
         "wall_seconds": time.perf_counter() - started,
@@ -173,7 +177,7 @@ def materialise_patch(params: dict[str, Any], trained: dict[str, Any]) -> Path:
     out = Path(trained["patch_dir"])
     files = trained.get("files") or {}
     if files and not all((out / name).is_file() for name in files):
-        out = state_dir(params) / "patches" / trained["task"] / f"received-{int(time.time())}"
+        out = state_dir(params) / "patches" / trained["task"] / f"received-{int(time.time() * 1000)}" / "patch"
         out.mkdir(parents=True, exist_ok=True)
         for name, blob in files.items():
             (out / name).write_bytes(base64.b64decode(blob))
@@ -184,39 +188,19 @@ def materialise_patch(params: dict[str, Any], trained: dict[str, Any]) -> Path:
 
 
 def champions(params: dict[str, Any], exclude: str | None = None) -> list[Any]:
-    """The promoted patch of every task (from the registry), downloaded, as gate Champions."""
-    from deltapatch import registry
+    """The promoted patch of every other task (from the registry), downloaded, as gate Champions."""
     from deltapatch.gate import Champion
+    from deltapatch.registry import registry
 
     out = []
-    for entry in _champion_entries(params):
-        task = entry["task"]
+    for task, info in sorted(registry.champions(params).items()):
         if task == exclude:
             continue
-        patch_dir = registry.download_patch(params, task, entry["version"])
-        out.append(Champion(task=task, version=str(entry["version"]), patch_dir=Path(patch_dir),
-                            test_acc=float(entry.get("test_acc", float("nan"))),
-                            data_version=str(entry.get("data_version", ""))))
-    return out
-
-
-def _champion_entries(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Normalise registry.champions(params) into [{task, version, test_acc, data_version}]."""
-    from deltapatch import registry
-
-    raw = registry.champions(params)
-    items = raw.items() if isinstance(raw, dict) else ((None, r) for r in raw)
-    out = []
-    for key, item in items:
-        get = item.get if isinstance(item, dict) else lambda k, d=None, _i=item: getattr(_i, k, d)
-        metrics = get("metrics") or {}
-        acc = get("test_acc")
-        if acc is None:
-            acc = get("patch_acc")
-        if acc is None:
-            acc = metrics.get("patch_acc", float("nan"))
-        out.append({"task": get("task") or key, "version": get("version"),
-                    "test_acc": float(acc), "data_version": get("data_version") or ""})
+        patch_dir = registry.download_patch(params, task, info["version"])
+        acc = info.get("patch_acc")
+        out.append(Champion(task=task, version=str(info["version"]), patch_dir=Path(patch_dir),
+                            test_acc=float("nan") if acc is None else float(acc),
+                            data_version=str(info.get("data_version") or "")))
     return out
 
 
@@ -230,17 +214,22 @@ def gate_step(params: dict[str, Any], task: str, patch_dir: str | os.PathLike[st
 # ---------------------------------------------------------------------------------------- registry
 
 
-def register_step(params: dict[str, Any], trained: dict[str, Any], gate: Any, data_version: str,
-                  run_name: str | None = None) -> dict[str, Any]:
-    """Log the run and register the version in MLflow (tagged failed when the gate failed)."""
-    from deltapatch import registry
+def register_step(params: dict[str, Any], trained: dict[str, Any], gate: Any, data_version: str) -> dict[str, Any]:
+    """Log the MLflow run and register the version (tagged gate=failed when the gate failed)."""
+    from deltapatch.data.dataset import load_task_dir
+    from deltapatch.data.versioning import tasks_dir
+    from deltapatch.registry import registry
 
     patch_dir = materialise_patch(params, trained)
     result = _patch_result(trained, patch_dir)
-    run_id = registry.log_patch_run(params, result, gate=gate, data_version=data_version, run_name=run_name)
-    version = registry.register_patch(params, run_id, result, gate, data_version)
+    gate_dict = gate.as_dict() if hasattr(gate, "as_dict") else dict(gate)
+    task_dir = tasks_dir(params) / trained["task"]
+    data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=trained["task"]) \
+        if (task_dir / "manifest.csv").is_file() else None
+    run_id = registry.log_patch_run(params, result, data=data, gate=gate_dict, data_version=data_version)
+    version = registry.register_patch(params, run_id, result, gate_dict, data_version)
     return {"task": trained["task"], "version": str(version), "run_id": run_id,
-            "gate_passed": bool(gate.passed), "mlflow_url": mlflow_link(params, trained["task"], version)}
+            "gate_passed": bool(gate_dict["passed"]), "mlflow_url": mlflow_link(params, trained["task"], version)}
 
 
 def _patch_result(trained: dict[str, Any], patch_dir: Path) -> Any:
@@ -248,40 +237,29 @@ def _patch_result(trained: dict[str, Any], patch_dir: Path) -> Any:
     from deltapatch.delta.patch import read_patch_meta
     from deltapatch.evaluate import BaseCheck
     from deltapatch.patching import PatchResult
-    from deltapatch.train import FitResult
+    from deltapatch.train import EpochRecord, FitResult
 
     meta = read_patch_meta(patch_dir)
     bc = trained["base_check"]
     check = BaseCheck(bool(bc["bit_identical"]), float(bc["max_abs_diff"]), float(bc["base_acc"]), float(bc["pristine_acc"]))
-    return PatchResult(trained["task"], patch_dir, meta, FitResult(resumed_from_epoch=int(trained.get("resumed_from_epoch", 0))),
-                       check, dict(trained["metrics"]))
+    fit = FitResult([EpochRecord(**r) for r in trained.get("history", [])], int(trained.get("resumed_from_epoch", 0)))
+    return PatchResult(trained["task"], patch_dir, meta, fit, check, dict(trained["metrics"]))
 
 
 def promote_step(params: dict[str, Any], task: str, version: str, reason: str = "") -> dict[str, Any]:
-    from deltapatch import registry
+    from deltapatch.registry import registry
 
-    registry.promote(params, task, version, reason or "passed the non-regression gate")
-    return {"task": task, "version": str(version), "promoted": True}
+    return registry.promote(params, task, version, reason or "passed the non-regression gate")
 
 
 def mlflow_link(params: dict[str, Any], task: str, version: Any) -> str:
-    """Browser link to the registered version ('' when the registry is not on an HTTP server)."""
-    from deltapatch import registry
+    """Browser link to the registered version ('' when the registry is not an HTTP server)."""
+    from deltapatch.registry.tracking import registry_settings, ui_url
 
-    link = getattr(registry, "version_url", None)
-    if link is not None:
-        try:
-            return str(link(params, task, version))
-        except Exception:  # a link is informational
-            return ""
-    try:
-        uri = registry.resolve_tracking_uri(params)
-    except Exception:
+    base = ui_url(params)
+    if not base:
         return ""
-    if not str(uri).startswith("http"):
-        return ""
-    name = getattr(registry, "model_name", lambda p, t: t)(params, task)
-    return f"{str(uri).rstrip('/')}/#/models/{name}/versions/{version}"
+    return f"{base}/#/models/{registry_settings(params).model_name(task)}/versions/{version}"
 
 
 # ---------------------------------------------------------------------------------------- summary

@@ -103,10 +103,24 @@ def urls(settings: StackSettings) -> dict[str, str]:
 
 
 def code_root() -> Path:
-    """The folder holding `flows/` (the source the deployments are built from)."""
+    """The folder holding `flows/` (the source the deployments are built from): the checkout that
+    holds this `deltapatch` package, else wherever an installed `flows` package lives."""
+    import deltapatch
+
+    checkout = Path(deltapatch.__file__).resolve().parent.parent
+    if (checkout / "flows" / "patch_task.py").is_file():
+        return checkout
     import flows
 
     return Path(flows.__file__).resolve().parent.parent
+
+
+def ensure_flows_importable() -> None:
+    """Make `import flows` work from any folder (an editable install made before flows/ existed
+    does not map it)."""
+    root = str(code_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
 
 
 def process_env(params: dict[str, Any], state: dict[str, Any] | None = None) -> dict[str, str]:
@@ -383,7 +397,7 @@ def down(params: dict[str, Any], on_progress: Callable[[str], None] | None = Non
     entries = state.get("processes", {})
     order = [n for n in reversed(PROCESS_ORDER) if n in entries]
     live = {n: entries[n] for n in order if is_running(entries[n])}
-    for name, entry in live.items():
+    for entry in live.values():
         _signal_group(entry, signal.SIGTERM)
     if "worker" in live:  # the Prefect worker ignores the first SIGTERM for ~20 s; a second ends it
         time.sleep(1.0)

@@ -124,7 +124,7 @@ def _run_name() -> str:
     return f"patch-{params.get('task_name') or Path(str(params.get('path', 'task'))).name}"
 
 
-@flow(name="patch-task", flow_run_name=_run_name)
+@flow(name="patch-task", flow_run_name=_run_name, persist_result=True)
 def patch_task_flow(path: str, task_name: str | None = None, project: str | None = None,
                     train_on: str = "auto", epochs: int | None = None) -> dict[str, Any]:
     """A new task dataset → validated, versioned, trained, gated, registered and promoted Δ-patch.
@@ -136,6 +136,7 @@ def patch_task_flow(path: str, task_name: str | None = None, project: str | None
 
     logger = get_run_logger()
     started = time.perf_counter()
+    task_name = task_name or None  # the arrival event carries '' when no name was given
     name_for_artifact = task_name or Path(path).name
     try:
         ingested = ingest_task(project, path, task_name)
@@ -177,9 +178,9 @@ def patch_task_flow(path: str, task_name: str | None = None, project: str | None
 @flow(name="rollback-patch", flow_run_name="rollback-{task_name}")
 def rollback_patch_flow(task_name: str, to: str | None = None, reason: str = "", project: str | None = None) -> dict[str, Any]:
     """Point the task's serving alias back at an earlier version (default: the previous champion)."""
-    from deltapatch import registry
+    from deltapatch.registry import registry
 
     params = pipeline.project_params(project)
-    result = registry.rollback(params, task_name, to=to, reason=reason or "rollback-patch flow")
-    get_run_logger().info("rolled back %s: %s", task_name, result)
-    return {"task": task_name, "result": result if isinstance(result, dict | str | int | None) else str(result)}
+    from_version, to_version = registry.rollback(params, task_name, to=to, reason=reason or "rollback-patch flow")
+    get_run_logger().info("rolled back %s: champion v%s → v%s", task_name, from_version, to_version)
+    return {"task": task_name, "from_version": from_version, "to_version": to_version}

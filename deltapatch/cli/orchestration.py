@@ -73,6 +73,9 @@ def run_command(
         return
     if not _use_stack_env(params):
         os.environ.setdefault("PREFECT_HOME", str(state_dir(params) / "prefect"))
+    from deltapatch.stack import ensure_flows_importable
+
+    ensure_flows_importable()
     from flows.patch_task import patch_task_flow
 
     state = patch_task_flow(path=str(path.resolve()), task_name=task, project=str(root), train_on="inline",
@@ -220,7 +223,7 @@ def _print_results(results: list[dict[str, Any]]) -> None:
         table.add_row(r.get("task", "?"), str(r.get("version") or "-"), r.get("status", "?"),
                       _f(m.get("patch_acc")), base_text, _f(m.get("trainable_pct"), ".3f"),
                       f"{int(m.get('patch_bytes', 0)):,}" if m else "-", _f(r.get("seconds"), ".0f"))
-    console.print(table)
+    Console(width=max(console.width, 130)).print(table)  # keep columns whole in logs and pipes
     for r in results:
         if r.get("mlflow_url"):
             console.print(f"  {r['task']}: {r['mlflow_url']}")

@@ -170,11 +170,21 @@ def generate(name: str, size: int, seed: int, per_class: int) -> Generated:
 
 
 def write_imagefolder(name: str, out_dir: Path, size: int, seed: int, per_class: int) -> Path:
-    """Write built-in task `name` as a plain ImageFolder `<out_dir>/<name>/<class>/<i>.png`."""
+    """Write built-in task `name` as a plain ImageFolder `<out_dir>/<name>/<class>/<i>.png`,
+    at most `per_class` images per class (a seeded subset of the digits-based tasks)."""
     images, labels, class_names = generate(name, size, seed, per_class)
+    keep = _subset_per_class(labels, per_class, seed)
+    images, labels = images[keep], labels[keep]
     root = Path(out_dir) / name
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         folder = root / class_names[label]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i:05d}.png")
     return root
+
+
+def _subset_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of at most `per_class` samples of each class, chosen by `seed`, in original order."""
+    rng = np.random.default_rng(seed + 303)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(chosen))

@@ -9,7 +9,16 @@ from deltapatch.config import resolve_path, section
 from deltapatch.data.sources import base_eval_data
 from deltapatch.fingerprint import fingerprint
 from deltapatch.models.base import base_settings, build_architecture, write_sidecar
-from deltapatch.train import Normalizer, TrainSettings, Trainable, accuracy, apply_threads, fit, predict_logits, resolve_device
+from deltapatch.train import (
+    Normalizer,
+    Trainable,
+    TrainSettings,
+    accuracy,
+    apply_threads,
+    fit,
+    predict_logits,
+    resolve_device,
+)
 
 
 def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool = False) -> Path:

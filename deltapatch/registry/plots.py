@@ -20,14 +20,14 @@ def _pyplot():  # type: ignore[no-untyped-def]
 def learning_curve(history: Sequence[object], path: Path, title: str = "") -> Path:
     """history: EpochRecords (epoch, train_loss, train_acc, val_acc)."""
     plt = _pyplot()
-    epochs = [int(getattr(r, "epoch")) for r in history]
+    epochs = [int(r.epoch) for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
-    ax_loss.plot(epochs, [float(getattr(r, "train_loss")) for r in history], "o-", label="train loss")
+    ax_loss.plot(epochs, [float(r.train_loss) for r in history], "o-", label="train loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [float(getattr(r, "train_acc")) for r in history], "o-", label="train acc")
-    ax_acc.plot(epochs, [float(getattr(r, "val_acc")) for r in history], "s-", label="val acc")
+    ax_acc.plot(epochs, [float(r.train_acc) for r in history], "o-", label="train acc")
+    ax_acc.plot(epochs, [float(r.val_acc) for r in history], "s-", label="val acc")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1.02)

@@ -23,7 +23,7 @@ from mlflow.pyfunc import PythonModel
 
 
 class DeltaPatchModel(PythonModel):
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context):
         from deltapatch.errors import FingerprintMismatch
         from deltapatch.registry.runtime import Predictor, load_base_files
         from deltapatch.train import resolve_device
@@ -48,7 +48,7 @@ class DeltaPatchModel(PythonModel):
         if self.kind != "base":
             self.predictor.add_patch(Path(context.artifacts["patch"]), version=str(config.get("version", "")))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # no type hints: the signature is explicit
         import numpy as np
         import pandas as pd
 

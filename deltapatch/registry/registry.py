@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -28,7 +29,13 @@ from typing import Any, TypeVar
 
 from deltapatch.config import state_dir
 from deltapatch.errors import DeltapatchError, RegistryError
-from deltapatch.registry.tracking import RegistrySettings, _first_line, configure, experiment_id, registry_settings
+from deltapatch.registry.tracking import (
+    RegistrySettings,
+    _first_line,
+    configure,
+    experiment_id,
+    registry_settings,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,7 +75,7 @@ def _wrap_errors(func: F) -> F:
         except MlflowException as exc:
             raise RegistryError(f"MLflow refused {func.__name__}: {_first_line(exc)}") from None
         except (OSError, ConnectionError) as exc:
-            raise RegistryError(f"MLflow unreachable during {func.__name__}: {_first_line(exc)}") from None
+            raise RegistryError(f"MLflow I/O failed during {func.__name__} (server unreachable or artifact store not writable): {_first_line(exc)}") from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -168,7 +175,8 @@ def _create_version(params: dict[str, Any], client: Any, name: str, model_info: 
         with contextlib.suppress(MlflowException):
             client.create_registered_model(name, tags={"managed_by": "deltapatch"})
     mv = client.create_model_version(name, source=model_info.model_uri, run_id=run_id,
-                                     tags={**tags, T_REGISTRATION: "pending"}, description=description)
+                                     tags={**tags, T_REGISTRATION: "pending"}, description=description,
+                                     model_id=getattr(model_info, "model_id", None))
     version = int(mv.version)
     try:
         uri = client.get_model_version_download_uri(name, str(version))
@@ -476,7 +484,12 @@ def register_patch(params: dict[str, Any], run_id: str, result: Any, gate: dict[
     config = {"kind": "patch", "task": meta.task, "base_model": settings.base_model_name,
               "base_version": str(base_version), "base_fingerprint": meta.base_fingerprint}
     try:
-        info = _log_pyfunc(run_id, {PATCH_ARTIFACT: str(result.patch_dir)}, config, int(meta.input_size))
+        with tempfile.TemporaryDirectory(prefix="deltapatch-stage-") as tmp:
+            staged = Path(tmp) / PATCH_ARTIFACT  # pyfunc keeps a folder artifact's own name
+            staged.mkdir()
+            for filename in (TENSORS_FILE, META_FILE):
+                shutil.copy2(Path(result.patch_dir) / filename, staged / filename)
+            info = _log_pyfunc(run_id, {PATCH_ARTIFACT: str(staged)}, config, int(meta.input_size))
     except DeltapatchError:
         raise
     except Exception as exc:  # upload failed: nothing was registered

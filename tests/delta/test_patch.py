@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from deltapatch.delta import DeltaNetwork, make_config
-from deltapatch.delta.patch import META_FILE, TENSORS_FILE, PatchMeta, load_patch, patch_bytes, read_patch_meta, save_patch
+from deltapatch.delta.patch import (
+    META_FILE,
+    TENSORS_FILE,
+    PatchMeta,
+    load_patch,
+    patch_bytes,
+    read_patch_meta,
+    save_patch,
+)
 from deltapatch.errors import FingerprintMismatch, PatchFormatError
 from tests.delta.conftest import perturb, random_base
 

@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import make_project
 
-TINY = {"train": {"epochs": 1, "batch_size": 32}, "gate": {"min_patch_accuracy": 0.0}}
+TINY = {"train": {"epochs": 1, "batch_size": 32}, "gate": {"min_patch_accuracy": 0.0},
+        "demo": {"images_per_class": 20}}  # demo.images_per_class also sizes the builtin base eval set
 
 
 def write_task(folder: Path, name: str, per_class: int = 12, seed: int = 0) -> Path:

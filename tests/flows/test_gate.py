@@ -53,10 +53,19 @@ def test_gate_fails_below_min_accuracy_and_says_by_how_much(trained: dict[str, A
     assert f"short by {1.0 - acc:.3f}" in result.message and "patch_accuracy" in result.message
 
 
-def test_gate_fails_on_interference_with_registered_accuracy(trained: dict[str, Any]) -> None:
+def test_gate_fails_on_interference_with_registered_accuracy(trained: dict[str, Any], tmp_path: Path) -> None:
+    import json
+    import shutil
+
     params = trained["params"]
-    registered = trained["glyphs"][1]["metrics"]["patch_acc"] + 0.2
-    result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [_champion(trained, registered)])
+    # A champion whose registered accuracy (patch.json, full precision) is not reproduced.
+    champ = _champion(trained)
+    shutil.copytree(champ.patch_dir, tmp_path / "patch")
+    meta = json.loads((tmp_path / "patch" / "patch.json").read_text())
+    meta["metrics"]["patch_acc"] += 0.2
+    (tmp_path / "patch" / "patch.json").write_text(json.dumps(meta))
+    champ.patch_dir = tmp_path / "patch"
+    result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [champ])
     assert not result.passed
     assert [c.name for c in result.failed] == ["interference:glyphs"]
     assert "DROPPED by 0.200" in result.message

@@ -1,0 +1,99 @@
+"""The patch-task flow in-process under a real Prefect API (prefect_test_harness) and a real MLflow
+sqlite registry in the project: happy path, bad dataset, crash + resume, failed gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltapatch.pipeline import CRASH_ENV, checkpoint_path
+from tests.flows.conftest import new_project, write_task
+
+pytestmark = pytest.mark.usefixtures("prefect_harness", "isolated_env")
+
+
+def _run(params: dict[str, Any], path: Path, task: str | None = None, **kw: Any) -> Any:
+    from flows.patch_task import patch_task_flow
+
+    return patch_task_flow(path=str(path), task_name=task, project=params["_root"], train_on="inline",
+                           return_state=True, **kw)
+
+
+def _versions(params: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    from deltapatch.errors import RegistryError
+    from deltapatch.registry import registry
+
+    try:
+        return registry.list_patches(params, task)
+    except RegistryError:
+        return []
+
+
+def _artifact(task: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"patch-{task}"])))
+    return found[-1].data if found else ""
+
+
+def test_flow_registers_and_promotes_then_failed_gate_keeps_champion(base_project, tmp_path: Path) -> None:
+    from deltapatch.registry import registry
+
+    params = new_project(base_project, tmp_path / "project")
+    src = write_task(tmp_path / "src", "shapes")
+    state = _run(params, src, "shapes")
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["status"] == "promoted" and out["version"] == "1"
+    assert registry.champions(params)["shapes"]["version"] == 1
+    report = _artifact("shapes")
+    assert "promoted" in report and "bit-identical" in report and "data version" in report
+
+    # New data for the same task whose patch cannot reach the bar: registered as failed, not promoted.
+    (Path(params["_root"]) / "params.yaml").write_text(
+        (Path(params["_root"]) / "params.yaml").read_text().replace("min_patch_accuracy: 0.0", "min_patch_accuracy: 1.0"))
+    src2 = write_task(tmp_path / "src2", "shapes", seed=1)
+    state = _run(params, src2, "shapes")
+    assert state.is_failed()
+    assert "patch_accuracy" in state.message and "short by" in state.message and "not promoted" in state.message
+    versions = {v["version"]: v for v in _versions(params, "shapes")}
+    assert versions[2]["gate"] == "failed" and not versions[2]["aliases"]
+    assert registry.champions(params)["shapes"]["version"] == 1  # the serving version is untouched
+    assert "gate failed" in _artifact("shapes")
+
+
+def test_bad_dataset_fails_run_quarantines_and_registers_nothing(base_project, tmp_path: Path) -> None:
+    params = new_project(base_project, tmp_path / "project")
+    inbox = Path(params["_root"]) / "inbox"
+    bad = inbox / "broken"
+    (bad / "only-class").mkdir(parents=True)
+    for i in range(6):
+        (bad / "only-class" / f"{i}.png").write_bytes(b"not a png")
+    state = _run(params, bad, "broken")
+    assert state.is_failed()
+    assert not bad.exists()  # moved out of the inbox …
+    quarantined = list((Path(params["_root"]) / "data" / "quarantine").glob("*broken*/reason.txt"))
+    assert quarantined  # … into quarantine, with the reason
+    assert _versions(params, "broken") == []
+
+
+def test_training_crash_is_retried_and_resumes_from_checkpoint(base_project, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    params = new_project(base_project, tmp_path / "project", {"train": {"epochs": 2}})
+    monkeypatch.setenv(CRASH_ENV, "1")
+    src = write_task(tmp_path / "src", "glyphs")
+    state = _run(params, src, "glyphs")
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["resumed_from_epoch"] == 1  # the retry continued after the crashed attempt's epoch 1
+    assert out["status"] == "promoted"
+    marker = list((Path(params["_root"]) / ".deltapatch" / "faults").iterdir())
+    assert marker, "the fault was injected"
+    from deltapatch.data.ingest import file_sha256
+
+    manifest = Path(params["_root"]) / "data" / "tasks" / "glyphs" / "manifest.csv"
+    assert not checkpoint_path(params, "glyphs", file_sha256(manifest)).exists()  # cleaned after success
