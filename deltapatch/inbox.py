@@ -31,6 +31,9 @@ from deltapatch.config import resolve_path, state_dir
 from deltapatch.errors import DatasetError, DeltapatchError
 
 ARRIVED_EVENT = "deltapatch.task.arrived"
+PATCH_TASK_DEPLOYMENT = "patch-task/patch-task"
+EMIT_ATTEMPTS = 3
+CONFIRM_SECONDS = 30.0
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial")
 EMITTED_FILE = "inbox-emitted.json"
@@ -108,11 +111,41 @@ def emit_arrival(path: Path, task: str | None = None) -> str:
             "no Prefect server to announce the dataset to (PREFECT_API_URL is unset and no stack is "
             "running): start one with `deltapatch stack up`, or run the pipeline here with `deltapatch run PATH`"
         )
-    event = emit_event(ARRIVED_EVENT, resource=_event_resource(task, path), payload={"path": str(path)})
-    _flush_events()
-    if event is None:
-        raise DeltapatchError("Prefect did not accept the event (events are disabled in this Prefect profile)")
-    return str(event.id)
+    for _ in range(EMIT_ATTEMPTS):
+        event = emit_event(ARRIVED_EVENT, resource=_event_resource(task, path), payload={"path": str(path)})
+        _flush_events()
+        if event is None:
+            raise DeltapatchError("Prefect did not accept the event (events are disabled in this Prefect profile)")
+        if _run_started_for(str(PREFECT_API_URL.value()), str(path)):
+            return str(event.id)
+    raise DeltapatchError(
+        f"announced {path} {EMIT_ATTEMPTS} times but no '{PATCH_TASK_DEPLOYMENT}' run started; check that the "
+        f"deployments are served (`deltapatch stack status`) and see .deltapatch/stack/logs/prefect.log"
+    )
+
+
+def _run_started_for(api_url: str, path: str, wait_s: float = CONFIRM_SECONDS) -> bool:
+    """Did the arrival trigger create a patch-task run for `path`? True too when there is no such
+    deployment to check (a user's own setup). A busy SQLite-backed server was seen to drop an
+    event (database is locked), so the caller re-emits when nothing shows up in time."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{api_url}/deployments/name/{PATCH_TASK_DEPLOYMENT}", timeout=10)
+        if response.status_code == 404:
+            return True
+        deployment_id = response.json()["id"]
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 200,
+                    "sort": "EXPECTED_START_TIME_DESC"}
+            runs = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=10).json()
+            if any((run.get("parameters") or {}).get("path") == path for run in runs):
+                return True
+            time.sleep(1.0)
+    except (httpx.HTTPError, KeyError, ValueError):
+        return True  # cannot check: trust the event, as before
+    return False
 
 
 def _flush_events() -> None:

@@ -13,13 +13,13 @@ def _sections():
     from deltapatch.data.versioning import DataSettings
     from deltapatch.gate import GateSettings
     from deltapatch.models.base import BaseSettings
-    from deltapatch.models.pretrain import _PretrainSettings
+    from deltapatch.models.pretrain import PretrainSettings
     from deltapatch.patching import DeltaSettings
     from deltapatch.registry.tracking import RegistrySettings
     from deltapatch.stack import StackSettings
     from deltapatch.train import TrainSettings
 
-    return {"base": BaseSettings, "pretrain": _PretrainSettings, "delta": DeltaSettings, "train": TrainSettings,
+    return {"base": BaseSettings, "pretrain": PretrainSettings, "delta": DeltaSettings, "train": TrainSettings,
             "data": DataSettings, "gate": GateSettings, "stack": StackSettings, "bench": BenchSettings,
             "registry": RegistrySettings}
 

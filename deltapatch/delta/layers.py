@@ -38,6 +38,10 @@ class TaskRoutedModule(nn.Module):
         if task in self.per_task:
             del self.per_task[task]
 
+    def _module(self, task: str) -> nn.Module:
+        """The module that serves `task`: the frozen original for the base route."""
+        return self.frozen if task == BASE else self.per_task[task]
+
 
 class DeltaWrapped(TaskRoutedModule):
     """A frozen Conv2d/Linear plus one Δ layer per task.
@@ -76,9 +80,6 @@ class TaskBatchNorm(TaskRoutedModule):
             param.requires_grad_(True)
         self.per_task[task] = own
 
-    def _module(self, task: str) -> nn.Module:
-        return self.frozen if task == BASE else self.per_task[task]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router = self.router
         if not router.is_mixed:
@@ -99,9 +100,6 @@ class TaskHeads(TaskRoutedModule):
 
     def add_task(self, task: str, num_classes: int) -> None:
         self.per_task[task] = nn.Linear(self.frozen.in_features, num_classes).to(self.frozen.weight.device)
-
-    def _module(self, task: str) -> nn.Module:
-        return self.frozen if task == BASE else self.per_task[task]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         router = self.router

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,16 @@ from deltapatch.train import (
 )
 
 
+@dataclass
+class PretrainSettings:
+    """params.yaml `pretrain:` section: overrides of `train:` for pre-training the base."""
+
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 0.002
+    weight_decay: float = 0.0005
+
+
 def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool = False) -> Path:
     """Train base.arch on the base task and write base.weights (+ sidecar). Returns the path.
 
@@ -34,7 +45,7 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     if weights.exists() and not force:
         return weights
     train_settings = section(params, "train", TrainSettings)
-    overrides = section(params, "pretrain", _PretrainSettings)
+    overrides = section(params, "pretrain", PretrainSettings)
     train_settings.epochs, train_settings.batch_size = overrides.epochs, overrides.batch_size
     train_settings.lr, train_settings.weight_decay = overrides.lr, overrides.weight_decay
     apply_threads(train_settings)
@@ -54,16 +65,3 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     write_sidecar(weights, settings, data.class_names, fingerprint(state), {"test_acc": test_acc})
     tmp.replace(weights)
     return weights
-
-
-from dataclasses import dataclass  # noqa: E402  (kept next to its only use)
-
-
-@dataclass
-class _PretrainSettings:
-    """params.yaml `pretrain:` section."""
-
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 0.002
-    weight_decay: float = 0.0005
