@@ -105,7 +105,8 @@ def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: 
     net, task = session.net, data.name
     if task in net.tasks:
         net.remove_task(task)
-    net.add_task(task, data.num_classes, make_config(kind, delta.options(kind)))
+    config = make_config(kind, delta.options(kind))
+    net.add_task(task, data.num_classes, config)
     started = time.perf_counter()
     fitted = fit(patch_trainable(net, task), data, settings, session.norm, seed=seed, checkpoint=checkpoint,
                  desc=f"Δ-patch {task} ({kind})", progress=progress, on_epoch=on_epoch, epochs=epochs)
@@ -115,7 +116,7 @@ def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: 
     check = base_check(net, session.reference_logits, session.base_data.test, session.norm)
     trainable, total = net.parameter_counts(task)
     meta = PatchMeta(
-        task=task, class_names=data.class_names, delta_kind=kind, delta_config=make_config(kind, delta.options(kind)).to_dict(),
+        task=task, class_names=data.class_names, delta_kind=kind, delta_config=config.to_dict(),
         base_arch=session.base.settings.arch, base_fingerprint=net.base_fingerprint,
         input_size=session.base.settings.input_size, mean=session.base.settings.mean, std=session.base.settings.std,
         data_version=data_version,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,9 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     weights = resolve_path(params, settings.weights)
     if weights.exists() and not force:
         return weights
-    train_settings = section(params, "train", TrainSettings)
-    overrides = section(params, "pretrain", PretrainSettings)
-    train_settings.epochs, train_settings.batch_size = overrides.epochs, overrides.batch_size
-    train_settings.lr, train_settings.weight_decay = overrides.lr, overrides.weight_decay
+    # Every `pretrain:` field overrides the `train:` field of the same name.
+    overrides = dataclasses.asdict(section(params, "pretrain", PretrainSettings))
+    train_settings = dataclasses.replace(section(params, "train", TrainSettings), **overrides)
     apply_threads(train_settings)
     device = resolve_device(train_settings.device)
     seed = int(params.get("seed", 0))
