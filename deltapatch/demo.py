@@ -88,19 +88,16 @@ def use_stack(params: dict[str, Any]) -> dict[str, str]:
 
 def wait_for_runs(api_url: str, paths: list[str], timeout: float, say: Callable[[str], None],
                   deployment: str = "patch-task/patch-task") -> dict[str, dict[str, Any]]:
-    """Poll the Prefect API until the patch-task run of each submitted path is terminal."""
-    import httpx
+    """Poll the Prefect API until the run of `deployment` for each submitted path is terminal."""
+    from deltapatch import prefect_api
 
     deadline = time.monotonic() + timeout
-    dep = httpx.get(f"{api_url}/deployments/name/{deployment}", timeout=10).json()
+    dep = prefect_api.deployment_id(api_url, deployment)
     runs: dict[str, dict[str, Any]] = {}
     reported: dict[str, str] = {}
     while True:
-        body = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}, "limit": 200}
-        for run in httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=10).json():
-            path = (run.get("parameters") or {}).get("path")
-            if path in paths:
-                runs[path] = run
+        found = prefect_api.runs_by_path(api_url, dep)
+        runs.update({p: found[p] for p in paths if p in found})
         for path, run in runs.items():
             state = (run.get("state") or {}).get("type", "?")
             if reported.get(path) != state:
@@ -116,12 +113,13 @@ def wait_for_runs(api_url: str, paths: list[str], timeout: float, say: Callable[
         time.sleep(2.0)
 
 
-def run_results(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def run_results(api_url: str, runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per run: the flow's result for completed runs, the failure message otherwise."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     rows = []
-    with get_client(sync_client=True) as client:
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         for path, run in runs.items():
             flow_run = client.read_flow_run(run["id"])
             seconds = flow_run.total_run_time.total_seconds() if flow_run.total_run_time else None
@@ -161,7 +159,7 @@ def run_demo(src_params: dict[str, Any], project: Path, *, tasks: list[str] | No
         say(f"submitted {name} → inbox (event {info['event_id'][:8]}…)")
     say(f"waiting for {len(paths)} patch-task run(s) (training queues through the gpu pool)…")
     runs = wait_for_runs(env["PREFECT_API_URL"], paths, timeout, say)
-    results = run_results({p: runs[p] for p in paths})
+    results = run_results(env["PREFECT_API_URL"], {p: runs[p] for p in paths})
     urls = stack.read_state(params)["urls"]
     if down_after:
         stack.down(params, on_progress=lambda m: say(f"  {m}"))

@@ -29,6 +29,7 @@ from filelock import FileLock
 
 from deltapatch.config import resolve_path, state_dir
 from deltapatch.errors import DatasetError, DeltapatchError
+from deltapatch.prefect_api import api_url_for
 
 ARRIVED_EVENT = "deltapatch.task.arrived"
 PATCH_TASK_DEPLOYMENT = "patch-task/patch-task"
@@ -100,60 +101,24 @@ def _event_resource(task: str | None, path: Path) -> dict[str, str]:
             "deltapatch.task.name": task or ""}
 
 
-def emit_arrival(path: Path, task: str | None = None) -> str:
-    """Emit ``deltapatch.task.arrived`` for `path` to the configured Prefect API; returns the event id."""
-    from prefect.events import emit_event
-    from prefect.events.clients import get_events_client  # noqa: F401  (import check: events available)
-    from prefect.settings import PREFECT_API_URL
+def emit_arrival(api_url: str, path: Path, task: str | None = None) -> str:
+    """Announce `path` to the Prefect API at `api_url` and confirm the trigger started a run for it.
 
-    if not PREFECT_API_URL.value():
-        raise DeltapatchError(
-            "no Prefect server to announce the dataset to (PREFECT_API_URL is unset and no stack is "
-            "running): start one with `deltapatch stack up`, or run the pipeline here with `deltapatch run PATH`"
-        )
+    A busy SQLite-backed server was seen to lose work under load (``database is locked``), so an
+    arrival with no `patch-task` run after ``CONFIRM_SECONDS`` is announced again, up to
+    ``EMIT_ATTEMPTS`` times. Returns the id of the event that started the run.
+    """
+    from deltapatch import prefect_api
+
+    deployment = prefect_api.deployment_id(api_url, PATCH_TASK_DEPLOYMENT)
     for _ in range(EMIT_ATTEMPTS):
-        event = emit_event(ARRIVED_EVENT, resource=_event_resource(task, path), payload={"path": str(path)})
-        _flush_events()
-        if event is None:
-            raise DeltapatchError("Prefect did not accept the event (events are disabled in this Prefect profile)")
-        if _run_started_for(str(PREFECT_API_URL.value()), str(path)):
-            return str(event.id)
+        event_id = prefect_api.send_event(api_url, ARRIVED_EVENT, _event_resource(task, path), {"path": str(path)})
+        if prefect_api.wait_for_run(api_url, deployment, str(path), CONFIRM_SECONDS) is not None:
+            return event_id
     raise DeltapatchError(
-        f"announced {path} {EMIT_ATTEMPTS} times but no '{PATCH_TASK_DEPLOYMENT}' run started; check that the "
-        f"deployments are served (`deltapatch stack status`) and see .deltapatch/stack/logs/prefect.log"
+        f"announced {path} {EMIT_ATTEMPTS} times to {api_url} but no '{PATCH_TASK_DEPLOYMENT}' run started; "
+        "check that the deployments are served (`deltapatch stack status`) and see .deltapatch/stack/logs/prefect.log"
     )
-
-
-def _run_started_for(api_url: str, path: str, wait_s: float = CONFIRM_SECONDS) -> bool:
-    """Did the arrival trigger create a patch-task run for `path`? True too when there is no such
-    deployment to check (a user's own setup). A busy SQLite-backed server was seen to drop an
-    event (database is locked), so the caller re-emits when nothing shows up in time."""
-    import httpx
-
-    try:
-        response = httpx.get(f"{api_url}/deployments/name/{PATCH_TASK_DEPLOYMENT}", timeout=10)
-        if response.status_code == 404:
-            return True
-        deployment_id = response.json()["id"]
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 200,
-                    "sort": "EXPECTED_START_TIME_DESC"}
-            runs = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=10).json()
-            if any((run.get("parameters") or {}).get("path") == path for run in runs):
-                return True
-            time.sleep(1.0)
-    except (httpx.HTTPError, KeyError, ValueError):
-        return True  # cannot check: trust the event, as before
-    return False
-
-
-def _flush_events() -> None:
-    """Wait until the background events worker has sent what we emitted (a CLI exits right after)."""
-    from prefect.events.worker import EventsWorker
-
-    with contextlib.suppress(Exception):
-        EventsWorker.drain_all(timeout=30)
 
 
 # ------------------------------------------------------------------------------------------ submit
@@ -162,6 +127,7 @@ def _flush_events() -> None:
 def submit(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None,
            announce: bool = True) -> dict[str, Any]:
     """Copy the dataset at `path` into the inbox (atomically) and emit the arrival event."""
+    api_url = api_url_for(params) if announce else ""  # before copying: no server, nothing left behind
     src = Path(path).expanduser().resolve()
     if not src.exists():
         raise DatasetError(f"{src}: no such file or folder; pass a folder of class sub-folders or an archive of one")
@@ -183,7 +149,7 @@ def submit(params: dict[str, Any], path: str | os.PathLike[str], task: str | Non
     with _emitted(params) as emitted:
         os.replace(hidden, dest)
         emitted[dest.name] = {"signature": signature(dest), "task": task, "by": "submit", "at": time.time()}
-    event_id = emit_arrival(dest, task) if announce else ""
+    event_id = emit_arrival(api_url, dest, task) if announce else ""
     return {"path": str(dest), "task": task or default_task_name(dest), "event_id": event_id}
 
 
@@ -198,8 +164,11 @@ class InboxWatcher:
         self.params = params
         self.inbox = inbox_dir(params)
         self.stable_seconds = stable_seconds
-        self.emit = emit or emit_arrival
+        self.emit = emit or self._emit_to_project_server
         self._seen: dict[str, tuple[str, float]] = {}  # name → (signature, first seen with it)
+
+    def _emit_to_project_server(self, path: Path, task: str | None) -> str:
+        return emit_arrival(api_url_for(self.params), path, task)
 
     def poll(self) -> list[Path]:
         """One scan; returns the paths announced in it."""
@@ -219,11 +188,19 @@ class InboxWatcher:
                 continue
             if now - previous[1] < self.stable_seconds:
                 continue
+            # Claim under the lock, announce outside it: confirming a run can take a while, and
+            # `submit` must not wait on the lock meanwhile. A failed announcement drops the claim,
+            # so the next scan tries again.
             with _emitted(self.params) as emitted:
                 if emitted.get(name, {}).get("signature") == sig:
                     continue
-                self.emit(path, None)
                 emitted[name] = {"signature": sig, "task": None, "by": "watch", "at": time.time()}
+            try:
+                self.emit(path, None)
+            except Exception:
+                with _emitted(self.params) as emitted:
+                    emitted.pop(name, None)
+                raise
             announced.append(path)
         return announced
 

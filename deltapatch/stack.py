@@ -40,10 +40,11 @@ class StackSettings:
     """params.yaml `stack:` section.
 
     host: interface every server binds to.
-    prefect_port, mlflow_port, serve_port: ports (a busy port stops `stack up` with a clear error).
+    prefect_port, mlflow_port: ports (a busy port stops `stack up` with a clear error).
     gpu_pool: the Prefect work pool of the training step; pool_concurrency: runs at once on it
         (0 = one per visible CUDA device, at least 1).
-    serve_app: also start the patch-serving HTTP app (deltapatch.serve) on serve_port.
+    serve_app: also start the patch-serving HTTP app (deltapatch.serve) on registry.serve_port, the
+        port `deltapatch serve` uses too (one key for one app).
     startup_timeout, stop_timeout: seconds to wait for health / for processes to exit.
     worker_query_seconds, runner_poll_seconds: how often the worker / the served deployments poll.
     watch_interval, watch_stable_seconds: inbox polling period; how long a dropped dataset must stay
@@ -53,7 +54,6 @@ class StackSettings:
     host: str = "127.0.0.1"
     prefect_port: int = 4200
     mlflow_port: int = 5000
-    serve_port: int = 8000
     gpu_pool: str = "gpu"
     pool_concurrency: int = 0
     serve_app: bool = True
@@ -92,13 +92,20 @@ def _write_state(params: dict[str, Any], state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def urls(settings: StackSettings) -> dict[str, str]:
+def serve_port(params: dict[str, Any]) -> int:
+    from deltapatch.registry.tracking import registry_settings
+
+    return int(registry_settings(params).serve_port)
+
+
+def urls(params: dict[str, Any]) -> dict[str, str]:
+    settings = stack_settings(params)
     host = settings.host
     return {
         "prefect_url": f"http://{host}:{settings.prefect_port}",
         "prefect_api_url": f"http://{host}:{settings.prefect_port}/api",
         "mlflow_url": f"http://{host}:{settings.mlflow_port}",
-        "serve_url": f"http://{host}:{settings.serve_port}",
+        "serve_url": f"http://{host}:{serve_port(params)}",
     }
 
 
@@ -126,7 +133,7 @@ def ensure_flows_importable() -> None:
 def process_env(params: dict[str, Any], state: dict[str, Any] | None = None) -> dict[str, str]:
     """Environment of every stack process (and of clients talking to the stack)."""
     settings = stack_settings(params)
-    u = urls(settings)
+    u = urls(params)
     env = dict(os.environ)
     env.update(TELEMETRY_OFF)
     root = project_root(params).resolve()
@@ -230,7 +237,7 @@ def _commands(params: dict[str, Any], settings: StackSettings) -> dict[str, list
         "watcher": [*_deltapatch_cmd(), "watch", "--interval", str(settings.watch_interval),
                     "--stable-seconds", str(settings.watch_stable_seconds)],
         "serve": [py, "-m", "uvicorn", "--factory", "deltapatch.stack:serve_app_factory", "--host", settings.host,
-                  "--port", str(settings.serve_port)],
+                  "--port", str(serve_port(params))],
     }
     if not settings.serve_app or not _serve_available():
         cmds.pop("serve")
@@ -265,7 +272,7 @@ def _health(params: dict[str, Any], name: str, state: dict[str, Any]) -> tuple[b
     import httpx
 
     settings = stack_settings(params)
-    u = urls(settings)
+    u = urls(params)
     entry = state.get("processes", {}).get(name)
     if not entry or not is_running(entry):
         return False, "not running"
@@ -300,7 +307,7 @@ def _health(params: dict[str, Any], name: str, state: dict[str, Any]) -> tuple[b
 def status(params: dict[str, Any]) -> dict[str, Any]:
     """URLs and per-process health (pid, running, healthy, detail, log)."""
     state = read_state(params) or {}
-    out = {"urls": state.get("urls", urls(stack_settings(params))), "processes": {}, "running": False}
+    out = {"urls": state.get("urls", urls(params)), "processes": {}, "running": False}
     for name in PROCESS_ORDER:
         entry = state.get("processes", {}).get(name)
         if entry is None:
@@ -326,19 +333,19 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
                          "stop it first with `deltapatch stack down`")
     ports = {"stack.prefect_port": settings.prefect_port, "stack.mlflow_port": settings.mlflow_port}
     if settings.serve_app and _serve_available():
-        ports["stack.serve_port"] = settings.serve_port
+        ports["registry.serve_port"] = serve_port(params)
     busy = [f"{key}={port}" for key, port in ports.items() if not _port_free(settings.host, int(port))]
     if busy:
         raise StackError(f"port(s) already in use on {settings.host}: {', '.join(busy)}; stop whatever holds "
-                         f"them or pick other ports in params.yaml (stack: section)")
+                         f"them or pick other ports in params.yaml (the keys named above)")
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"params.yaml: stack ports must differ, got {ports}")
     env = process_env(params)
     root = project_root(params).resolve()
     cmds = _commands(params, settings)
-    state: dict[str, Any] = {"project": str(root), "urls": urls(settings), "processes": {},
+    state: dict[str, Any] = {"project": str(root), "urls": urls(params), "processes": {},
                              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_root": str(code_root()),
-                             **{k: v for k, v in urls(settings).items()}}
+                             **urls(params)}
     deadline = time.monotonic() + settings.startup_timeout
 
     def start(names: list[str]) -> None:

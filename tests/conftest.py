@@ -67,3 +67,12 @@ def project(base_project: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     shutil.copy(source / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(source / "models", tmp_path / "models")
     return copy.deepcopy(load_params(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One real Prefect API (temporary server + SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

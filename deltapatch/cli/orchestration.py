@@ -97,13 +97,9 @@ def submit_command(
     task: Annotated[str | None, typer.Option("--task", "-t", help="Task name (default: from the dataset).")] = None,
 ) -> None:
     """Copy a dataset into the inbox and emit `deltapatch.task.arrived` (the patch-task trigger)."""
-    from deltapatch.errors import DeltapatchError
+    from deltapatch.inbox import submit
 
     params = _params()
-    if not _use_stack_env(params) and not os.environ.get("PREFECT_API_URL"):
-        raise DeltapatchError("no Prefect server to announce the dataset to: start the stack (`deltapatch stack up`), "
-                              "set PREFECT_API_URL, or run the pipeline here with `deltapatch run PATH`")
-    from deltapatch.inbox import submit
 
     info = submit(params, path, task)
     console.print(f"submitted [bold]{info['task']}[/] → {info['path']} (event {info['event_id']})")
@@ -116,16 +112,15 @@ def watch_command(
     once: Annotated[bool, typer.Option("--once", help="Scan until nothing is pending, then exit.")] = False,
 ) -> None:
     """Watch the inbox and emit `deltapatch.task.arrived` for each complete new dataset."""
-    from deltapatch.errors import DeltapatchError
-
-    params = _params()
-    if not _use_stack_env(params) and not os.environ.get("PREFECT_API_URL"):
-        raise DeltapatchError("no Prefect server to announce datasets to: start the stack or set PREFECT_API_URL")
     from deltapatch.inbox import InboxWatcher
+    from deltapatch.prefect_api import api_url_for
     from deltapatch.stack import stack_dir
 
+    params = _params()
+    api_url = api_url_for(params)  # fail now, not at the first arrival
     watcher = InboxWatcher(params, stable_seconds=stable_seconds)
-    console.print(f"watching {watcher.inbox} (every {interval} s, complete after {stable_seconds} s unchanged)")
+    console.print(f"watching {watcher.inbox} (every {interval} s, complete after {stable_seconds} s unchanged) "
+                  f"for the Prefect API at {api_url}")
     announce = lambda p: console.print(f"announced {p.name}")  # noqa: E731
     if once:
         deadline = time.monotonic() + stable_seconds + 3 * interval

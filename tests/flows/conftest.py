@@ -36,15 +36,6 @@ def new_project(base_project: dict[str, Any], folder: Path, overrides: dict[str,
     return params
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """One real Prefect API (temporary server + SQLite) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No MLflow server leaking in from the developer's shell: each project uses its own sqlite store."""
