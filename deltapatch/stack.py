@@ -393,39 +393,57 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+SERVERS = ("prefect", "mlflow")
+KILL_WAIT_SECONDS = 5.0
+
+
 def down(params: dict[str, Any], on_progress: Callable[[str], None] | None = None) -> list[str]:
-    """Stop exactly the recorded processes (their process groups); returns the names stopped."""
+    """Stop exactly the recorded processes (their process groups); returns the names stopped.
+
+    Clients first, servers second: the served deployments and the worker report to the Prefect API
+    while they shut down, and with the server already gone they retry until killed.
+    """
     say = on_progress or (lambda _msg: None)
     settings = stack_settings(params)
     state = read_state(params)
     if not state:
         return []
-    stopped = []
     entries = state.get("processes", {})
-    order = [n for n in reversed(PROCESS_ORDER) if n in entries]
-    live = {n: entries[n] for n in order if is_running(entries[n])}
-    for entry in live.values():
-        _signal_group(entry, signal.SIGTERM)
-    if "worker" in live:  # the Prefect worker ignores the first SIGTERM for ~20 s; a second ends it
-        time.sleep(1.0)
-        if is_running(live["worker"]):
-            _signal_group(live["worker"], signal.SIGTERM)
-    deadline = time.monotonic() + settings.stop_timeout
-    while any(is_running(e) for e in live.values()) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    for name, entry in live.items():
-        if is_running(entry):
-            say(f"{name} did not stop within {settings.stop_timeout:.0f} s: SIGKILL")
-            _signal_group(entry, signal.SIGKILL)
-        stopped.append(name)
-        say(f"stopped {name} (pid {entry['pid']})")
-    # children left in a group whose leader exited (e.g. a flow-run subprocess): kill the group
-    for entry in live.values():
-        _signal_group(entry, signal.SIGKILL, leader_check=False)
+    live = {n: entries[n] for n in reversed(PROCESS_ORDER) if n in entries and is_running(entries[n])}
+    clients = {n: e for n, e in live.items() if n not in SERVERS}
+    servers = {n: e for n, e in live.items() if n in SERVERS}
+    stopped = _stop(clients, settings.stop_timeout, say) + _stop(servers, settings.stop_timeout, say)
     state["processes"] = {}
     state["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _write_state(params, state)
     return stopped
+
+
+def _stop(live: dict[str, dict[str, Any]], timeout: float, say: Callable[[str], None]) -> list[str]:
+    """SIGTERM, wait up to `timeout`, SIGKILL what is left and wait until it is gone."""
+    for entry in live.values():
+        _signal_group(entry, signal.SIGTERM)
+    if "worker" in live:  # the Prefect worker ignores the first SIGTERM for ~20 s; a second ends it
+        time.sleep(1.0)
+        _signal_group(live["worker"], signal.SIGTERM)
+    _wait_gone(live.values(), timeout)
+    for name, entry in live.items():
+        if is_running(entry):
+            say(f"{name} did not stop within {timeout:.0f} s: SIGKILL")
+            _signal_group(entry, signal.SIGKILL)
+        say(f"stopped {name} (pid {entry['pid']})")
+    _wait_gone(live.values(), KILL_WAIT_SECONDS)  # a killed process takes a moment to disappear
+    # children left in a group whose leader exited (e.g. a flow-run subprocess): kill the group
+    for entry in live.values():
+        _signal_group(entry, signal.SIGKILL, leader_check=False)
+    return list(live)
+
+
+def _wait_gone(entries: Any, timeout: float) -> None:
+    entries = list(entries)
+    deadline = time.monotonic() + timeout
+    while any(is_running(e) for e in entries) and time.monotonic() < deadline:
+        time.sleep(0.3)
 
 
 def _signal_group(entry: dict[str, Any], sig: int, leader_check: bool = True) -> None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.conftest import make_project
 
@@ -34,11 +31,3 @@ def new_project(base_project: dict[str, Any], folder: Path, overrides: dict[str,
     shutil.copytree(Path(base_project["_root"]) / "models", folder / "models", dirs_exist_ok=True)
     ensure_project_repo(folder, params)
     return params
-
-
-@pytest.fixture
-def isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No MLflow server leaking in from the developer's shell: each project uses its own sqlite store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DELTAPATCH_PROJECT", raising=False)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -5,21 +5,15 @@ registered and promoted patches; `stack down` leaves no process behind."""
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import free_port
 from tests.flows.conftest import new_project, write_task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("isolated_env")]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -27,7 +21,7 @@ def running_stack(base_project: dict[str, Any], tmp_path: Path):
     from deltapatch import stack
 
     params = new_project(base_project, tmp_path / "project", {
-        "stack": {"prefect_port": _free_port(), "mlflow_port": _free_port(), "serve_app": False,
+        "stack": {"prefect_port": free_port(), "mlflow_port": free_port(), "serve_app": False,
                   "watch_stable_seconds": 1.0, "startup_timeout": 300},
     })
     try:
@@ -36,8 +30,10 @@ def running_stack(base_project: dict[str, Any], tmp_path: Path):
     finally:
         state = stack.read_state(params) or {}
         entries = list(state.get("processes", {}).values())
-        stack.down(params)
-        assert not [e for e in entries if stack.is_running(e)], "stack down left processes running"
+        said: list[str] = []
+        stack.down(params, on_progress=said.append)
+        left = [e["cmd"] for e in entries if stack.is_running(e)]
+        assert not left, f"stack down left processes running: {left}; it said {said}"
 
 
 def _runs(api: str, deployment: str) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from deltapatch.errors import FingerprintMismatch, RegistryError
+from tests.conftest import free_port
 from tests.registry.conftest import TASK, Trained, direct_predictions, new_project, register
 
 
@@ -211,17 +211,11 @@ def test_upload_failure_leaves_no_version(reg_project: dict[str, Any], trained: 
     assert R.list_patches(params) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_is_a_clear_error(reg_project: dict[str, Any], trained: Trained,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from deltapatch.registry import registry as R
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
     with pytest.raises(RegistryError, match="unreachable.*after 2 tries"):
         R.register_patch(reg_project, "run", trained.results[0], {"passed": True})
@@ -238,7 +232,7 @@ def test_tracking_uri_resolution_order(reg_project: dict[str, Any], monkeypatch:
     sqlite = f"sqlite:///{state / 'mlflow.db'}"
     assert resolve_tracking_uri(params) == sqlite and ui_url(params) is None
     (state / "stack").mkdir(parents=True)
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     (state / "stack" / "stack.json").write_text(json.dumps({"mlflow_url": dead}))
     assert resolve_tracking_uri(params) == sqlite  # a stale stack file is ignored
 

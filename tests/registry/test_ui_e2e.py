@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +18,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 from tests.registry.conftest import TASK, Trained, register
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                   "--virtual-time-budget=20000", "--window-size=1400,2200"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -54,7 +47,7 @@ def chromium() -> str:
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Any:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     folder = tmp_path / "mlflow-server"
     folder.mkdir()
