@@ -32,6 +32,8 @@ from deltapatch.errors import DatasetError, DeltapatchError
 from deltapatch.prefect_api import api_url_for
 
 ARRIVED_EVENT = "deltapatch.task.arrived"
+TASK_RESOURCE_PREFIX = "deltapatch.task."  # + task name: the event's resource id
+TASK_NAME_LABEL = "deltapatch.task.name"  # the name given to `submit --task` ("" when none)
 PATCH_TASK_DEPLOYMENT = "patch-task/patch-task"
 EMIT_ATTEMPTS = 3
 CONFIRM_SECONDS = 30.0
@@ -97,16 +99,17 @@ def _emitted(params: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def _event_resource(task: str | None, path: Path) -> dict[str, str]:
     name = task or default_task_name(path)
-    return {"prefect.resource.id": f"deltapatch.task.{name}", "prefect.resource.name": name,
-            "deltapatch.task.name": task or ""}
+    return {"prefect.resource.id": f"{TASK_RESOURCE_PREFIX}{name}", "prefect.resource.name": name,
+            TASK_NAME_LABEL: task or ""}
 
 
 def emit_arrival(api_url: str, path: Path, task: str | None = None) -> str:
     """Announce `path` to the Prefect API at `api_url` and confirm the trigger started a run for it.
 
-    A busy SQLite-backed server was seen to lose work under load (``database is locked``), so an
-    arrival with no `patch-task` run after ``CONFIRM_SECONDS`` is announced again, up to
-    ``EMIT_ATTEMPTS`` times. Returns the id of the event that started the run.
+    An accepted event can still start no run (the trigger's action fails, e.g. on a SQLite server
+    busy with ``database is locked``), so an arrival with no `patch-task` run after
+    ``CONFIRM_SECONDS`` is announced again, up to ``EMIT_ATTEMPTS`` times. Returns the id of the
+    event that started the run.
     """
     from deltapatch import prefect_api
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ARRIVED_EVENT = "deltapatch.task.arrived"
-TASK_RESOURCE_PREFIX = "deltapatch.task."
-TASK_NAME_LABEL = "deltapatch.task.name"
+from deltapatch.inbox import ARRIVED_EVENT, TASK_NAME_LABEL, TASK_RESOURCE_PREFIX
+
 TRAIN_DEPLOYMENT_NAME = "gpu"
 
 

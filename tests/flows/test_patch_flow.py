@@ -31,13 +31,17 @@ def _versions(params: dict[str, Any], task: str) -> list[dict[str, Any]]:
         return []
 
 
-def _artifact(task: str) -> str:
+def _artifact(task: str, state: Any) -> str:
+    """The summary artifact of the run behind `state` (the key is shared by every run of the task)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    only_this_run = ArtifactFilter(key=ArtifactFilterKey(any_=[f"patch-{task}"]),
+                                   flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"patch-{task}"])))
-    return found[-1].data if found else ""
+        found = client.read_artifacts(artifact_filter=only_this_run)
+    assert len(found) == 1, f"expected one summary artifact for the run, found {len(found)}"
+    return str(found[0].data)
 
 
 def test_flow_registers_and_promotes_then_failed_gate_keeps_champion(base_project, tmp_path: Path) -> None:
@@ -50,7 +54,7 @@ def test_flow_registers_and_promotes_then_failed_gate_keeps_champion(base_projec
     out = state.result()
     assert out["status"] == "promoted" and out["version"] == "1"
     assert registry.champions(params)["shapes"]["version"] == 1
-    report = _artifact("shapes")
+    report = _artifact("shapes", state)
     assert "promoted" in report and "bit-identical" in report and "data version" in report
 
     # New data for the same task whose patch cannot reach the bar: registered as failed, not promoted.
@@ -63,7 +67,7 @@ def test_flow_registers_and_promotes_then_failed_gate_keeps_champion(base_projec
     versions = {v["version"]: v for v in _versions(params, "shapes")}
     assert versions[2]["gate"] == "failed" and not versions[2]["aliases"]
     assert registry.champions(params)["shapes"]["version"] == 1  # the serving version is untouched
-    assert "gate failed" in _artifact("shapes")
+    assert "gate failed" in _artifact("shapes", state)
 
 
 def test_bad_dataset_fails_run_quarantines_and_registers_nothing(base_project, tmp_path: Path) -> None:
