@@ -26,6 +26,7 @@ import yaml
 
 from deltapatch.config import load_params, project_root, resolve_path, state_dir
 from deltapatch.errors import DeltapatchError
+from deltapatch.inbox import PATCH_TASK_DEPLOYMENT
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # demo: keys that are not overrides of other sections
@@ -87,7 +88,7 @@ def use_stack(params: dict[str, Any]) -> dict[str, str]:
 
 
 def wait_for_runs(api_url: str, paths: list[str], timeout: float, say: Callable[[str], None],
-                  deployment: str = "patch-task/patch-task") -> dict[str, dict[str, Any]]:
+                  deployment: str = PATCH_TASK_DEPLOYMENT) -> dict[str, dict[str, Any]]:
     """Poll the Prefect API until the run of `deployment` for each submitted path is terminal."""
     from deltapatch import prefect_api
 

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -343,9 +343,10 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
     env = process_env(params)
     root = project_root(params).resolve()
     cmds = _commands(params, settings)
-    state: dict[str, Any] = {"project": str(root), "urls": urls(params), "processes": {},
+    stack_urls = urls(params)  # nested for `status`, flat for readers of one key (registry.tracking)
+    state: dict[str, Any] = {"project": str(root), "urls": stack_urls, "processes": {},
                              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_root": str(code_root()),
-                             **urls(params)}
+                             **stack_urls}
     deadline = time.monotonic() + settings.startup_timeout
 
     def start(names: list[str]) -> None:
@@ -439,7 +440,7 @@ def _stop(live: dict[str, dict[str, Any]], timeout: float, say: Callable[[str], 
     return list(live)
 
 
-def _wait_gone(entries: Any, timeout: float) -> None:
+def _wait_gone(entries: Iterable[dict[str, Any]], timeout: float) -> None:
     entries = list(entries)
     deadline = time.monotonic() + timeout
     while any(is_running(e) for e in entries) and time.monotonic() < deadline:
