@@ -6,6 +6,7 @@ dataclass and builds it with :func:`section`, so adding a component never touche
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -81,3 +82,30 @@ def resolve_path(params: dict[str, Any], value: str | os.PathLike[str]) -> Path:
     """Paths in params.yaml are relative to the project root."""
     path = Path(value)
     return path if path.is_absolute() else project_root(params) / path
+
+
+def apply_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` assignments (value in YAML, e.g. `train.min_steps=200`,
+    `bench.lr_grid=[0.01]`) to a copy of `params`, for one command run (ablations, quick tries).
+
+    Unknown keys are refused later, by the section's settings dataclass, like in params.yaml.
+    """
+    result = copy.deepcopy(params)
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        path = [part for part in key.strip().split(".") if part]
+        if not sep or len(path) < 2:
+            raise ConfigError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. train.min_steps=200")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from None
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {assignment!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    result["_overrides"] = [*params.get("_overrides", []), *assignments]  # reported by the bench
+    return result

@@ -88,6 +88,7 @@ def patch_trainable(net: DeltaNetwork, task: str) -> Trainable:
         parameters=net.task_parameters(task),
         state_dict=lambda: net.task_state_dict(task),
         load_state_dict=lambda state: net.load_task_state_dict(task, state),
+        groups=net.task_parameter_groups(task),
     )
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +26,42 @@ from deltapatch.errors import DeltapatchError
 
 @dataclass
 class TrainSettings:
-    """params.yaml `train:` section."""
+    """params.yaml `train:` section: the recipe every method trains with (docs/benchmark.md)."""
 
     epochs: int = 6
+    min_steps: int = 0  # step budget: tiny tasks get more epochs until this many optimiser steps
     batch_size: int = 64
     lr: float = 0.01
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per parameter group, e.g. {head: 10}
+    warmup_fraction: float = 0.0  # linear warm-up over this share of the steps, then cosine decay
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    augment_translate: float = 0.0  # random shift, as a fraction of the image side (no flips)
+    augment_scale: float = 0.0  # random zoom factor in [1 - s, 1 + s]
     device: str = "auto"
     amp: bool = True
     threads: int = 0
 
+    def planned_epochs(self, n_train: int, epochs: int | None = None) -> int:
+        """Epochs to run: `epochs` (default self.epochs), raised until `min_steps` steps are taken."""
+        epochs = self.epochs if epochs is None else epochs
+        steps_per_epoch = max(1, math.ceil(n_train / self.batch_size))
+        return max(epochs, math.ceil(self.min_steps / steps_per_epoch))
+
 
 @dataclass
 class Trainable:
-    """What a method exposes to the loop. `module(x)` maps normalised (N, 3, H, W) to logits."""
+    """What a method exposes to the loop. `module(x)` maps normalised (N, 3, H, W) to logits.
+
+    `groups` names subsets of `parameters` (e.g. "delta", "norm", "head", "body") so that
+    `TrainSettings.lr_scale` can give each its own learning rate; ungrouped parameters use `lr`.
+    """
 
     module: nn.Module
     parameters: list[nn.Parameter]
     state_dict: Callable[[], dict[str, torch.Tensor]]
     load_state_dict: Callable[[dict[str, torch.Tensor]], None]
+    groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,9 +107,33 @@ class Normalizer:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.device = device
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        if augment is not None:
+            x = augment(x)
         return (x - self.mean) / self.std
+
+
+def random_affine(translate: float, scale: float, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A label-preserving augmentation of [0,1] images (N, 3, H, W): random shift and zoom per sample.
+
+    No flips or rotations: they change the label of digits and letters. Borders are extended, so a
+    shifted image gets no artificial black/grey frame. None when both amounts are 0.
+    """
+    if translate <= 0 and scale <= 0:
+        return None
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * scale
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * translate)  # grid units span 2
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    return augment
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -129,14 +171,13 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def fit(trainable: Trainable, data: TaskData, settings: TrainSettings, norm: Normalizer, *, seed: int = 0,
         checkpoint: Path | None = None, desc: str = "train", progress: bool = True,
         on_epoch: Callable[[EpochRecord], None] | None = None, epochs: int | None = None) -> FitResult:
-    """Train with Adam + cosine decay; evaluate on val after each epoch; checkpoint and resume."""
-    epochs = settings.epochs if epochs is None else epochs
-    params = [p for p in trainable.parameters if p.requires_grad]
-    if not params:
-        raise DeltapatchError("nothing to train: the method exposes no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    """Train with Adam, linear warm-up then cosine decay; evaluate on val after each epoch;
+    checkpoint and resume. `epochs` (default settings.epochs) is raised to meet settings.min_steps."""
+    epochs = settings.planned_epochs(len(data.train), epochs)
+    optimizer = make_optimizer(trainable, settings)
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    scheduler = warmup_cosine(optimizer, total_steps=max(1, epochs * steps_per_epoch),
+                              warmup_steps=round(settings.warmup_fraction * epochs * steps_per_epoch))
     result = FitResult()
     start_epoch = _resume(checkpoint, trainable, optimizer, scheduler)
     result.resumed_from_epoch = start_epoch
@@ -145,7 +186,10 @@ def fit(trainable: Trainable, data: TaskData, settings: TrainSettings, norm: Nor
         torch.randperm(len(data.train), generator=generator)
     bar = tqdm(range(start_epoch, epochs), desc=desc, disable=not progress, unit="epoch", initial=start_epoch, total=epochs)
     for epoch in bar:
-        record = _train_epoch(trainable, data, settings, norm, optimizer, scheduler, generator, epoch)
+        # One augmentation stream per epoch: a resumed run draws exactly what it would have drawn.
+        augment = random_affine(settings.augment_translate, settings.augment_scale,
+                                torch.Generator().manual_seed(seed * 100_003 + epoch + 1))
+        record = _train_epoch(trainable, data, settings, norm, optimizer, scheduler, generator, epoch, augment)
         result.history.append(record)
         bar.set_postfix(loss=f"{record.train_loss:.3f}", val_acc=f"{record.val_acc:.3f}")
         if checkpoint is not None:
@@ -156,9 +200,41 @@ def fit(trainable: Trainable, data: TaskData, settings: TrainSettings, norm: Nor
     return result
 
 
+def make_optimizer(trainable: Trainable, settings: TrainSettings) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters, one param group per named group (lr × lr_scale[name])."""
+    params = [p for p in trainable.parameters if p.requires_grad]
+    if not params:
+        raise DeltapatchError("nothing to train: the method exposes no trainable parameters")
+    # A scale for a group this method does not have (e.g. "delta" for full-ft) is simply unused.
+    grouped: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for name, members in trainable.groups.items():
+        members = [p for p in members if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in members)
+        if members:
+            grouped.append({"params": members, "lr": settings.lr * float(settings.lr_scale.get(name, 1.0)), "name": name})
+    rest = [p for p in params if id(p) not in seen]
+    if rest:
+        grouped.append({"params": rest, "lr": settings.lr, "name": "other"})
+    return torch.optim.Adam(grouped, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr factor: linear from 1/(warmup+1) to 1 over `warmup_steps`, then cosine from 1 to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _train_epoch(trainable: Trainable, data: TaskData, settings: TrainSettings, norm: Normalizer,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 generator: torch.Generator, epoch: int) -> EpochRecord:
+                 generator: torch.Generator, epoch: int,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochRecord:
     module = trainable.module
     module.train()
     started = time.perf_counter()
@@ -166,8 +242,8 @@ def _train_epoch(trainable: Trainable, data: TaskData, settings: TrainSettings, 
     for images, labels in batches(data.train, settings.batch_size, shuffle=True, generator=generator):
         labels = labels.to(norm.device)
         with autocast(norm.device, settings.amp):
-            logits = module(norm(images))
-            loss = F.cross_entropy(logits.float(), labels)
+            logits = module(norm(images, augment))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -69,6 +69,28 @@ def project(base_project: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     return copy.deepcopy(load_params(tmp_path))
 
 
+TINY_BENCH = {"epochs": 1, "max_train_per_class": 4, "max_eval_per_class": 3, "latency_batch": 4,
+              "latency_repeats": 1, "latency_warmup": 0}
+
+
+@pytest.fixture(scope="module")
+def context(base_project: dict[str, Any]) -> Any:
+    """A bench context (pristine base + base-test reference logits) on the session's base, base data capped."""
+    from deltapatch.bench import BenchSettings, open_context
+
+    ctx, _ = open_context(base_project, BenchSettings(**TINY_BENCH), seed=0, progress=False)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def tiny_task(base_project: dict[str, Any]) -> Any:
+    """`shapes` with 4 training images per class (20) and 3 val/test images per class."""
+    from deltapatch.bench import BenchSettings, capped
+    from deltapatch.data.sources import builtin_task
+
+    return capped(builtin_task(base_project, "shapes", per_class=12), BenchSettings(**TINY_BENCH), seed=0)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One real Prefect API (temporary server + SQLite) for the whole session."""

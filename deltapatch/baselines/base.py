@@ -60,6 +60,9 @@ class Method:
 
     name: ClassVar[str] = ""
     settings_class: ClassVar[type[MethodSettings]] = MethodSettings
+    # Methods with the same non-empty key train identically (same module, same loop), so the bench
+    # trains once and hands the trained state to the others (PAINT = full-ft + interpolation).
+    training_key: ClassVar[str] = ""
 
     def __init__(self, context: BenchContext, settings: MethodSettings | None = None) -> None:
         self.context = context
@@ -160,11 +163,13 @@ def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def trainable_of(module: nn.Module) -> Trainable:
-    """A Trainable over `module`'s parameters with requires_grad, saving/restoring its full state."""
+def trainable_of(model: Classifier) -> Trainable:
+    """A Trainable over `model`'s parameters with requires_grad (groups "body" and "head"),
+    saving/restoring its full state."""
     return Trainable(
-        module=module,
-        parameters=[p for p in module.parameters() if p.requires_grad],
-        state_dict=module.state_dict,
-        load_state_dict=module.load_state_dict,
+        module=model,
+        parameters=[p for p in model.parameters() if p.requires_grad],
+        state_dict=model.state_dict,
+        load_state_dict=model.load_state_dict,
+        groups={"body": list(model.backbone.parameters()), "head": list(model.head.parameters())},
     )

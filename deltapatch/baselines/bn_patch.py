@@ -44,7 +44,9 @@ class BNPatch(Method):
             param.requires_grad_(is_batchnorm(backbone.get_submodule(name.rpartition(".")[0])))
         self.model = classifier_from(backbone, data.num_classes, base_head, self.context.device)
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        return Trainable(self.model, trained, self.task_state_dict, self.load_task_state_dict)
+        groups = {"norm": [p for p in self.model.backbone.parameters() if p.requires_grad],
+                  "head": list(self.model.head.parameters())}
+        return Trainable(self.model, trained, self.task_state_dict, self.load_task_state_dict, groups)
 
     def task_state_dict(self) -> dict:
         """What the task owns: every BatchNorm's affine + statistics, and the head."""

@@ -25,6 +25,7 @@ from deltapatch.train import Trainable
 
 class FullFineTune(Method):
     name = "full-ft"
+    training_key = "full-ft"  # PAINT (a subclass) trains exactly like this, then interpolates
 
     model: Classifier
 

@@ -50,6 +50,7 @@ class LinearProbe(Method):
             parameters=list(head.parameters()),
             state_dict=head.state_dict,
             load_state_dict=head.load_state_dict,
+            groups={"head": list(head.parameters())},
         )
 
     def task_forward(self) -> Forward:

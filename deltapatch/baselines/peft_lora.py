@@ -79,8 +79,10 @@ class PeftLora(Method):
         self.bn_before = bn_statistics(classifier.backbone)
         self.model = get_peft_model(classifier, config)
         trained = [p for p in self.model.parameters() if p.requires_grad]
+        groups = {"delta": [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n],
+                  "head": [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" not in n]}
         state = lambda: {k: v for k, v in self.model.state_dict().items() if "lora_" in k or "modules_to_save" in k}  # noqa: E731
-        return Trainable(self.model, trained, state, lambda sd: self.model.load_state_dict(sd, strict=False))
+        return Trainable(self.model, trained, state, lambda sd: self.model.load_state_dict(sd, strict=False), groups)
 
     def base_bn_stats_changed(self) -> float:
         """Max |Δ| of the base BatchNorms' running statistics caused by training (0 = untouched)."""

@@ -27,17 +27,23 @@ def _names(values: list[str] | None) -> list[str] | None:
 @user_errors
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Small, fast settings (params.yaml bench.quick); < 5 min on 2 cores."),
-    tasks: list[str] = typer.Option(None, "--tasks", help="Tasks (repeatable or comma list; default bench.tasks)."),
+    tasks: list[str] = typer.Option(None, "--tasks", help="Tasks (repeatable or comma list; default bench.tasks): "
+                                    "built-in names, ingested task names, or paths to your own dataset "
+                                    "(folder or archive, validated like `deltapatch ingest`, never written into data/)."),
     methods: list[str] = typer.Option(None, "--methods", help="Methods (repeatable or comma list; default bench.methods)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for bench.csv, bench.md, bench.png."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Override the number of training epochs."),
+    seeds: int = typer.Option(None, "--seeds", min=1, help="Runs per (method, task) with seeds seed, seed+1, … (default bench.seeds)."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the (method, task, seed) rows already in OUT/bench.csv; run the rest."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override a params.yaml value for this run, e.g. "
+                                        "--set train.min_steps=0 (repeatable; ablations)."),
 ) -> None:
     """Train every method on every patch task; write OUT/bench.csv, bench.md and bench.png."""
-    from deltapatch.bench import run_bench
-    from deltapatch.config import load_params
+    from deltapatch.bench import accuracy_table, run_bench
+    from deltapatch.config import apply_overrides, load_params
 
-    params = load_params()
-    frame = run_bench(params, methods=_names(methods), tasks=_names(tasks), quick=quick, out_dir=out, epochs=epochs)
-    means = frame.groupby("method", sort=False)[["patch_acc", "base_acc_change", "patch_pct"]].mean()
-    console.print(means.to_string(float_format=lambda v: f"{v:.4f}"))
+    params = apply_overrides(load_params(), overrides or [])
+    frame = run_bench(params, methods=_names(methods), tasks=_names(tasks), quick=quick, out_dir=out, epochs=epochs,
+                      seeds=seeds, resume=resume)
+    console.print(accuracy_table(frame).to_string(index=False))
     console.print(f"wrote {out / 'bench.csv'}, {out / 'bench.md'}, {out / 'bench.png'}")

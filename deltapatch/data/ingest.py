@@ -275,6 +275,28 @@ def ingest(path: str | os.PathLike[str], params: dict[str, Any], task: str | Non
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def normalise_elsewhere(path: str | os.PathLike[str], params: dict[str, Any], workdir: Path,
+                        task: str | None = None) -> Path:
+    """Validate and normalise `path` exactly like :func:`ingest`, into a task folder under `workdir`.
+
+    Nothing in the project changes: no ``data/`` folder, no DVC version, no quarantine (a rejected
+    input raises the same :class:`DatasetError` as ingest and stays where it is). Used to benchmark a
+    user's own dataset (`deltapatch bench --tasks PATH`) before adopting it. Returns the task folder
+    (``manifest.csv`` and the images), named after the task.
+    """
+    settings = data_settings(params)
+    src = Path(path).expanduser().absolute()
+    if not src.exists():
+        raise DatasetError(
+            f"{src}: no such file or folder; pass a folder of class sub-folders or a .zip/.tar/.tar.gz of one"
+        )
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    prepared = _prepare(src, params, settings, Path(workdir), task)
+    folder = prepared.folder.with_name(prepared.task)
+    prepared.folder.rename(folder)
+    return folder
+
+
 def quarantine(
     params: dict[str, Any],
     src: Path,

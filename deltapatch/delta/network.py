@@ -178,6 +178,16 @@ class DeltaNetwork(nn.Module):
         self._check_task(task)
         return [p for _, w in self._wrappers() if task in w.per_task for p in w.per_task[task].parameters()]
 
+    def task_parameter_groups(self, task: str) -> dict[str, list[nn.Parameter]]:
+        """`task`'s trainable parameters by role: "delta" (the Δs), "norm" (its BatchNorms), "head"."""
+        self._check_task(task)
+        groups: dict[str, list[nn.Parameter]] = {"delta": [], "norm": [], "head": []}
+        for _, wrapper in self._wrappers():
+            if task in wrapper.per_task:
+                role = "head" if isinstance(wrapper, TaskHeads) else "norm" if isinstance(wrapper, TaskBatchNorm) else "delta"
+                groups[role].extend(wrapper.per_task[task].parameters())
+        return groups
+
     def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         """Everything a patch holds, keyed '<layer path>.<tensor>' (buffers included)."""
         self._check_task(task)

@@ -1,4 +1,4 @@
-"""Each method trains one short epoch on a tiny task and keeps its interface invariants."""
+"""Each method trains a few steps on a tiny task, learns it, and keeps its interface invariants."""
 
 from __future__ import annotations
 
@@ -18,17 +18,25 @@ from deltapatch.train import accuracy, fit, predict_logits
 # Small settings where a method has some; every test reuses one trained instance per method.
 OPTIONS: dict[str, dict[str, Any]] = {"peft-lora": {"r": 2, "lora_alpha": 2}, "paint": {"alphas": [0.0, 0.5, 1.0]}}
 _TRAINED: dict[str, Method] = {}
+_UNTRAINED_ACC: dict[str, float] = {}
 
 
 def train_one(name: str, context: Any, data: Any, settings: Any) -> Method:
-    """`name` trained for one epoch on `data` (cached for the test session: training is the slow part)."""
+    """`name` trained on `data` (cached for the test session: training is the slow part). The training
+    accuracy of the same method before any step is kept in _UNTRAINED_ACC."""
     if name not in _TRAINED:
         method = METHODS[name](context, METHODS[name].settings_class(**OPTIONS.get(name, {})))
         torch.manual_seed(0)
-        fit(method.prepare(data), data, settings, context.norm, progress=False)
+        trainable = method.prepare(data)
+        _UNTRAINED_ACC[name] = train_accuracy(method, context, data)
+        fit(trainable, data, settings, context.norm, progress=False)
         method.after_fit(data)
         _TRAINED[name] = method
     return _TRAINED[name]
+
+
+def train_accuracy(method: Method, context: Any, data: Any) -> float:
+    return accuracy(predict_logits(method.task_forward(), data.train, context.norm), data.train.labels)
 
 
 def base_logits(method: Method, context: Any) -> torch.Tensor:
@@ -47,7 +55,11 @@ def test_method_trains_saves_and_serves(name: str, context: Any, tiny_task: Any,
     method = train_one(name, context, tiny_task, train_settings)
     logits = predict_logits(method.task_forward(), tiny_task.test, context.norm)
     assert logits.shape == (len(tiny_task.test), tiny_task.num_classes)
-    assert 0.0 <= accuracy(logits, tiny_task.test.labels) <= 1.0
+    if isinstance(method, Paint):
+        method.set_alpha(1.0)  # the fine-tuned end of the interpolation is what training moved
+    # Training moved the metric: the method fits its training split far better than before training.
+    assert train_accuracy(method, context, tiny_task) >= _UNTRAINED_ACC[name] + 0.3
+    method.after_fit(tiny_task)
     assert base_logits(method, context).shape == context.reference_logits.shape
     size = method.save(tmp_path)
     assert size > 0 and size <= sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
@@ -88,7 +100,9 @@ def test_peft_lora_trainable_params_match_lora_count(context: Any, tiny_task: An
     head = (context.base.model.fc.in_features + 1) * tiny_task.num_classes
     expected = lora_param_count(context.base.model, r=2) + head  # every Conv2d is targeted
     assert method.trainable_params() == expected
-    assert method.base_bn_stats_changed() >= 0.0  # measured and reported, not asserted away
+    # PEFT's standard recipe leaves the base BatchNorms in train mode: training moves their statistics
+    # (the drift bench.md reports). Δ-patches exist to avoid exactly this.
+    assert method.base_bn_stats_changed() > 0.0
 
 
 def test_paint_alpha_in_unit_interval_and_zero_is_base(context: Any, tiny_task: Any, train_settings: Any) -> None:

@@ -1,0 +1,61 @@
+"""params.yaml `bench:` section and the columns of bench.csv."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltapatch.config import ConfigError
+
+# bench.csv: these columns, in this order (docs/benchmark.md says what each one means). The first
+# fourteen are the original table; later columns are only ever appended.
+COLUMNS = [
+    "method", "task", "patch_acc", "base_acc", "base_acc_change", "base_logits_max_abs_diff",
+    "trainable_params", "trainable_pct", "patch_bytes", "patch_pct", "train_s_per_epoch",
+    "train_time_ratio_vs_full_ft", "latency_ratio_merged", "latency_ratio_unmerged",
+    "seed", "lr", "val_acc", "epochs_run", "train_seconds", "time_to_full_ft_val_ratio",
+]
+REFERENCE_METHOD = "full-ft"
+
+
+@dataclass
+class BenchSettings:
+    """params.yaml `bench:` section. `quick` holds overrides of these fields for `--quick`."""
+
+    methods: list[str] = field(default_factory=lambda: ["delta-channel", "delta-lowrank", "full-ft",
+                                                        "linear-probe", "bn-patch", "paint", "peft-lora"])
+    tasks: list[str] = field(default_factory=lambda: ["digits-inverted", "digits-rot90", "digits-parity",
+                                                      "glyphs", "shapes"])
+    epochs: int = 6
+    min_steps: int | None = None  # None: train.min_steps (the step budget of the shared recipe)
+    seeds: int = 1  # runs per (method, task): seeds seed, seed+1, …
+    # Every method's learning rate is chosen from this one grid on the VALIDATION split (first seed).
+    lr_grid: list[float] = field(default_factory=lambda: [0.0003, 0.001, 0.003, 0.01])
+    max_train_per_class: int | None = None  # cap on training images per class (None: all)
+    max_eval_per_class: int | None = None  # cap on val/test images per class, base task too (None: all)
+    keep_files: bool = False  # keep OUT/patches/<method>/<task>/ (full-ft/paint: a 45 MB model each)
+    latency_batch: int = 64
+    latency_repeats: int = 5
+    latency_warmup: int = 2
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {paint: {alphas: [...]}}
+    quick: dict[str, Any] = field(default_factory=dict)
+
+    def for_run(self, quick: bool) -> BenchSettings:
+        """These settings with the `quick` overrides applied when asked for."""
+        if not quick:
+            return self
+        known = {f.name for f in dataclasses.fields(self)} - {"quick"}
+        unknown = sorted(set(self.quick) - known)
+        if unknown:
+            raise ConfigError(f"params.yaml: unknown key(s) {unknown} in bench.quick; known: {sorted(known)}")
+        overrides = dict(self.quick)
+        options = {m: dict(o or {}) for m, o in self.method_options.items()}
+        for method, extra in (overrides.pop("method_options", None) or {}).items():
+            options[method] = {**options.get(method, {}), **(extra or {})}  # merged per method
+        return dataclasses.replace(self, **overrides, method_options=options)
+
+    def seed_list(self, first: int) -> list[int]:
+        if self.seeds < 1:
+            raise ConfigError(f"bench.seeds (--seeds) must be ≥ 1, got {self.seeds}")
+        return [first + i for i in range(self.seeds)]

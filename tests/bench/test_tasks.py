@@ -1,0 +1,58 @@
+"""`bench --tasks`: built-in names, ingested names, and a user's dataset path validated like ingest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deltapatch.bench import resolve_task
+from deltapatch.errors import DatasetError
+from tests.conftest import make_project
+
+
+def _dataset(root: Path, classes: dict[str, int]) -> Path:
+    """An ImageFolder of distinct noise images: classes = {name: count}."""
+    rng = np.random.default_rng(0)
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def plain_project(tmp_path: Path) -> dict[str, Any]:
+    return make_project(tmp_path / "proj")
+
+
+def test_a_dataset_path_is_normalised_like_ingest_and_never_written_into_data(plain_project: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    source = _dataset(tmp_path / "street-signs", {"stop": 12, "yield": 12})
+    data = resolve_task(plain_project, str(source), tmp_path / "work")
+    assert data.name == "street-signs" and data.class_names == ["stop", "yield"]
+    assert len(data.train) + len(data.val) + len(data.test) == 24
+    assert tuple(data.train.images.shape[1:]) == (3, 32, 32)  # resized to the model input like ingest
+    assert not (Path(plain_project["_root"]) / "data").exists()
+
+
+def test_a_bad_dataset_path_gets_the_same_error_as_ingest_and_nothing_is_written(plain_project: dict[str, Any],
+                                                                               tmp_path: Path) -> None:
+    from deltapatch.data.ingest import ingest
+
+    source = _dataset(tmp_path / "tiny", {"only": 8})  # one class: refused
+    with pytest.raises(DatasetError) as from_bench:
+        resolve_task(plain_project, str(source), tmp_path / "work")
+    assert not (Path(plain_project["_root"]) / "data").exists()
+    assert source.is_dir()  # the user's original is untouched
+    with pytest.raises(DatasetError) as from_ingest:
+        ingest(source, plain_project)
+    assert str(from_ingest.value).startswith(str(from_bench.value))
+
+
+def test_an_unknown_task_names_the_choices(plain_project: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not a built-in task.*shapes"):
+        resolve_task(plain_project, "no-such-task", tmp_path / "work")
