@@ -64,6 +64,7 @@ TARGETS: list[str] = [
     "trainable_pct ≤ 3",
     "patch_pct ≤ 3",
     "train_time_ratio_vs_full_ft ≤ 0.85",
+    "step_time_ratio_paired ≤ 0.85",
     "time_to_full_ft_val_ratio ≤ 0.85 on every task",
     "latency_ratio_merged ≤ 1.05",
 ]
@@ -96,6 +97,7 @@ def target_checks(frame: pd.DataFrame, method: str) -> list[tuple[str, str, floa
         (float(rows["trainable_pct"].max()), lambda v: v <= 3),
         (float(rows["patch_pct"].max()), lambda v: v <= 3),
         (float(rows["train_time_ratio_vs_full_ft"].mean()), lambda v: v <= 0.85),
+        (float(rows["step_time_ratio_paired"].mean()), lambda v: v <= 0.85),
         (float(time_to_acc.max()) if time_to_acc.notna().any() else math.nan, lambda v: v <= 0.85),
         (float(rows["latency_ratio_merged"].mean()), lambda v: v <= 1.05),
     ]

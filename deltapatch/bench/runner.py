@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from deltapatch.baselines import METHODS, BenchContext, Method
 from deltapatch.bench.report import write_csv, write_markdown, write_plot
-from deltapatch.bench.settings import COLUMNS, BenchSettings
+from deltapatch.bench.settings import COLUMNS, REFERENCE_METHOD, BenchSettings
 from deltapatch.bench.tasks import capped, resolve_task
 from deltapatch.config import ConfigError, section
 from deltapatch.data.dataset import TaskData
@@ -152,6 +152,7 @@ def measure(run: TrainedRun, data: TaskData, context: BenchContext, bench: Bench
     if not bench.keep_files:  # measured on disk; the copies themselves are not needed afterwards
         shutil.rmtree(folder, ignore_errors=True)
     unmerged, merged = _latencies(method, context, bench)
+    step_ratio = _paired_step_ratio(method.name, data, context, bench)
     trainable_params = method.trainable_params()
     history = run.fitted.history
     row = {
@@ -164,6 +165,7 @@ def measure(run: TrainedRun, data: TaskData, context: BenchContext, bench: Bench
         "latency_ratio_merged": merged, "latency_ratio_unmerged": unmerged,
         "seed": seed, "lr": run.lr, "val_acc": run.val_acc, "epochs_run": len(history),
         "train_seconds": run.train_seconds, "time_to_full_ft_val_ratio": math.nan,
+        "step_time_ratio_paired": step_ratio,
     }
     elapsed, curve = 0.0, []
     for record in history:
@@ -196,25 +198,57 @@ def _latencies(method: Method, context: BenchContext, bench: BenchSettings) -> t
     return unmerged, merged
 
 
-@torch.no_grad()
-def paired_latency_ratio(forward: Callable[[torch.Tensor], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor],
-                         x: torch.Tensor, repeats: int, warmup: int) -> float:
-    """median time of forward(x) ÷ median time of reference(x), x: (B, 3, H, W).
+def _paired_step_ratio(method_name: str, data: TaskData, context: BenchContext, bench: BenchSettings) -> float:
+    """One training step of `method_name` ÷ one of full-ft, timed alternately on the same batch in
+    this process (fresh, untrained copies of both): a per-step cost ratio that background load on a
+    shared CPU cannot skew, beside the per-epoch ratio measured during the real runs."""
+    if method_name == REFERENCE_METHOD:
+        return 1.0
+    steps = []
+    for name in (method_name, REFERENCE_METHOD):
+        torch.manual_seed(0)
+        trainable = METHODS[name](context, method_settings(name, bench)).prepare(data)
+        optimizer = torch.optim.Adam([p for p in trainable.parameters if p.requires_grad], lr=1e-4)
+        steps.append(_train_step(trainable.module, optimizer))
+    images = data.train.images[: bench.latency_batch]
+    labels = data.train.labels[: bench.latency_batch].to(context.device)
+    x = context.norm(images)
+    return paired_ratio(lambda: steps[0](x, labels), lambda: steps[1](x, labels), bench.latency_repeats,
+                        bench.latency_warmup, context.device)
 
-    The two are timed alternately (order flipped every round) so that background load on a shared
-    CPU hits both alike.
-    """
+
+def _train_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def step(x: torch.Tensor, labels: torch.Tensor) -> None:
+        module.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(module(x), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def paired_ratio(first: Callable[[], Any], second: Callable[[], Any], repeats: int, warmup: int,
+                 device: torch.device) -> float:
+    """median time of first() ÷ median time of second(), timed alternately (order flipped every
+    round) so that background load on a shared CPU hits both alike."""
     times: dict[int, list[float]] = {0: [], 1: []}
-    functions = (forward, reference)
+    functions = (first, second)
     for round_ in range(warmup + max(1, repeats)):
         for which in ((0, 1) if round_ % 2 == 0 else (1, 0)):
             started = time.perf_counter()
-            functions[which](x)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
+            functions[which]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             if round_ >= warmup:
                 times[which].append(time.perf_counter() - started)
     return statistics.median(times[0]) / statistics.median(times[1])
+
+
+@torch.no_grad()
+def paired_latency_ratio(forward: Callable[[torch.Tensor], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor],
+                         x: torch.Tensor, repeats: int, warmup: int) -> float:
+    """median time of forward(x) ÷ median time of reference(x), x: (B, 3, H, W), timed alternately."""
+    return paired_ratio(lambda: forward(x), lambda: reference(x), repeats, warmup, x.device)
 
 
 # ---------------------------------------------------------------- the whole benchmark

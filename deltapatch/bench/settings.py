@@ -15,6 +15,7 @@ COLUMNS = [
     "trainable_params", "trainable_pct", "patch_bytes", "patch_pct", "train_s_per_epoch",
     "train_time_ratio_vs_full_ft", "latency_ratio_merged", "latency_ratio_unmerged",
     "seed", "lr", "val_acc", "epochs_run", "train_seconds", "time_to_full_ft_val_ratio",
+    "step_time_ratio_paired",
 ]
 REFERENCE_METHOD = "full-ft"
 

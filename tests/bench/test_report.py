@@ -17,7 +17,8 @@ def _row(method: str, task: str, seed: int, acc: float, **extra: float) -> dict:
            "base_logits_max_abs_diff": 0.0, "trainable_params": 1, "trainable_pct": 0.2, "patch_bytes": 1,
            "patch_pct": 0.3, "train_s_per_epoch": 1.0, "train_time_ratio_vs_full_ft": math.nan,
            "latency_ratio_merged": math.nan, "latency_ratio_unmerged": 1.0, "seed": seed, "lr": 0.01,
-           "val_acc": acc, "epochs_run": 3, "train_seconds": 3.0, "time_to_full_ft_val_ratio": math.nan}
+           "val_acc": acc, "epochs_run": 3, "train_seconds": 3.0, "time_to_full_ft_val_ratio": math.nan,
+           "step_time_ratio_paired": 0.7}
     row.update(extra)
     return row
 
@@ -37,7 +38,7 @@ def test_csv_keeps_the_original_columns_first_and_compares_with_full_ft(tmp_path
     assert COLUMNS[:14] == ["method", "task", "patch_acc", "base_acc", "base_acc_change", "base_logits_max_abs_diff",
                             "trainable_params", "trainable_pct", "patch_bytes", "patch_pct", "train_s_per_epoch",
                             "train_time_ratio_vs_full_ft", "latency_ratio_merged", "latency_ratio_unmerged"]
-    assert COLUMNS[14] == "seed"
+    assert COLUMNS[14] == "seed"  # appended after the original columns
     delta = frame[frame["method"] == "delta-lowrank"].iloc[0]
     assert delta["train_time_ratio_vs_full_ft"] == pytest.approx(0.5)
     # Δ reaches full-ft's final val accuracy (0.8) after 3 s of training; full-ft trained 6 s.
