@@ -10,7 +10,7 @@ from rich.console import Console
 from deltapatch.cli.bench import _names
 from deltapatch.cli.errors import user_errors
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths and MLflow URIs stay on one line
 
 
 def register(app: typer.Typer) -> None:
