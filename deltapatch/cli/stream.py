@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def stream(
-    quick: bool = typer.Option(False, "--quick", help="Small, fast settings (params.yaml stream.quick); < 5 min on 2 cores."),
+    quick: bool = typer.Option(False, "--quick", help="Small, fast settings (params.yaml stream.quick; target: < 5 min on 2 idle cores)."),
     tasks: list[str] = typer.Option(None, "--tasks", help="Tasks after the base task, in arrival order: built-in or ingested names (repeatable or comma list; default stream.tasks, else bench.tasks)."),
     strategies: list[str] = typer.Option(None, "--strategies", help="Strategies (repeatable or comma list; default stream.strategies)."),
     out: Path = typer.Option(Path("stream-results"), "--out", help="Folder for stream.csv, stream.md, stream.png."),
