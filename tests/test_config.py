@@ -17,11 +17,12 @@ def _sections():
     from deltapatch.patching import DeltaSettings
     from deltapatch.registry.tracking import RegistrySettings
     from deltapatch.stack import StackSettings
+    from deltapatch.stream.settings import StreamSettings
     from deltapatch.train import TrainSettings
 
     return {"base": BaseSettings, "pretrain": PretrainSettings, "delta": DeltaSettings, "train": TrainSettings,
             "data": DataSettings, "gate": GateSettings, "stack": StackSettings, "bench": BenchSettings,
-            "registry": RegistrySettings}
+            "registry": RegistrySettings, "stream": StreamSettings}
 
 
 def test_every_section_of_the_shipped_params_yaml_is_known():
