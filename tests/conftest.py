@@ -85,8 +85,8 @@ def context(base_project: dict[str, Any]) -> Any:
 @pytest.fixture(scope="module")
 def tiny_task(base_project: dict[str, Any]) -> Any:
     """`shapes` with 4 training images per class (20) and 3 val/test images per class."""
-    from deltapatch.bench import BenchSettings, capped
-    from deltapatch.data.sources import builtin_task
+    from deltapatch.bench import BenchSettings
+    from deltapatch.data.sources import builtin_task, capped
 
     return capped(builtin_task(base_project, "shapes", per_class=12), BenchSettings(**TINY_BENCH), seed=0)
 

@@ -17,10 +17,9 @@ from deltapatch.bench.runner import (
     select_by_validation,
 )
 from deltapatch.bench.settings import COLUMNS, REFERENCE_METHOD, BenchSettings
-from deltapatch.bench.tasks import capped, resolve_task
 
 __all__ = [
     "COLUMNS", "REFERENCE_METHOD", "TARGETS", "BenchSettings", "MethodRun", "TrainedRun", "accuracy_table",
-    "capped", "open_context", "paired_latency_ratio", "resolve_task", "run_bench", "select_by_validation",
+    "open_context", "paired_latency_ratio", "run_bench", "select_by_validation",
     "target_checks", "time_to_accuracy",
 ]

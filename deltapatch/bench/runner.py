@@ -32,10 +32,9 @@ from tqdm.auto import tqdm
 from deltapatch.baselines import METHODS, BenchContext, Method
 from deltapatch.bench.report import write_csv, write_markdown, write_plot
 from deltapatch.bench.settings import COLUMNS, REFERENCE_METHOD, BenchSettings
-from deltapatch.bench.tasks import capped, resolve_task
 from deltapatch.config import ConfigError, section
 from deltapatch.data.dataset import TaskData
-from deltapatch.data.sources import base_eval_data
+from deltapatch.data.sources import base_eval_data, capped, resolve_task
 from deltapatch.errors import DeltapatchError
 from deltapatch.evaluate import pristine_logits
 from deltapatch.models.base import load_base

@@ -1,12 +1,24 @@
-"""Where task data comes from: the built-in suite or an ingested task folder."""
+"""Where task data comes from: the built-in suite, an ingested task folder, or a user's dataset path.
+
+    data = resolve_task(params, "shapes", workdir)            # the embedded suite
+    data = resolve_task(params, "street-signs", workdir)      # data/tasks/street-signs (ingested)
+    data = resolve_task(params, "~/photos/signs.zip", workdir) # validated like `deltapatch ingest`
+
+The bench and the continual-learning stream take their tasks through `resolve_task`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from pathlib import Path
+from typing import Any, Protocol
 
 from deltapatch.config import resolve_path
 from deltapatch.data import builtin
 from deltapatch.data.dataset import TaskData, from_arrays, load_task_dir
+from deltapatch.data.ingest import normalise_elsewhere
+from deltapatch.data.versioning import tasks_dir
+from deltapatch.errors import DatasetError
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -36,3 +48,46 @@ def base_eval_data(params: dict[str, Any]) -> TaskData:
     if source.startswith(BUILTIN_PREFIX):
         return builtin_task(params, source[len(BUILTIN_PREFIX) :])
     return load_task_dir(resolve_path(params, source), int(params["base"]["input_size"]))
+
+
+def resolve_task(params: dict[str, Any], spec: str, workdir: Path) -> TaskData:
+    """TaskData for `spec`: an ingested task name (``data/tasks/<name>`` with a manifest; it wins over
+    a built-in task of the same name: it is the user's own data), a built-in task name, or the path
+    of a dataset folder/archive.
+
+    A path is validated and normalised exactly as ingestion does it (same rules, same errors), but
+    into `workdir`: nothing is written into the project's data/ folder, DVC or quarantine.
+    """
+    size = int(params["base"]["input_size"])
+    ingested = tasks_dir(params) / spec
+    if "/" not in spec and (ingested / "manifest.csv").is_file():
+        return load_task_dir(ingested, size, name=spec)
+    if spec in builtin.PATCH_TASKS:
+        return builtin_task(params, spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        folder = normalise_elsewhere(path, params, Path(workdir) / f"task-{len(list(Path(workdir).glob('task-*')))}")
+        return load_task_dir(folder, size, name=folder.name)
+    raise DatasetError(
+        f"unknown task '{spec}': not an ingested task in {tasks_dir(params)}, not a built-in task "
+        f"({', '.join(builtin.PATCH_TASKS)}), and no such file or folder; pass one of those, or ingest "
+        f"your dataset with `deltapatch ingest PATH --task {spec}`"
+    )
+
+
+class PerClassCaps(Protocol):
+    """Settings that cap a task's images per class (bench: and stream: sections)."""
+
+    max_train_per_class: int | None
+    max_eval_per_class: int | None
+
+
+def capped(data: TaskData, caps: PerClassCaps, seed: int) -> TaskData:
+    """`data` with the per-class caps applied (class-balanced, deterministic)."""
+    data = copy.copy(data)
+    if caps.max_train_per_class:
+        data.train = data.train.limit_per_class(int(caps.max_train_per_class), seed)
+    if caps.max_eval_per_class:
+        data.val = data.val.limit_per_class(int(caps.max_eval_per_class), seed)
+        data.test = data.test.limit_per_class(int(caps.max_eval_per_class), seed)
+    return data

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 from deltapatch.baselines.base import folder_bytes, replace_module, split_head
 from deltapatch.config import ConfigError, section
 from deltapatch.data.dataset import Split, TaskData
+from deltapatch.data.sources import capped, resolve_task
 from deltapatch.delta.routing import BASE
 from deltapatch.errors import DeltapatchError
 from deltapatch.stream.metrics import AccuracyMatrix, average_accuracy, backward_transfer, forward_transfer
@@ -95,42 +97,6 @@ class StreamResult:
 
 
 # ---------------------------------------------------------------- tasks and context
-def stream_task(params: dict[str, Any], name: str) -> TaskData:
-    """A patch task of the stream: an ingested task (data/tasks/<name>) or a built-in one."""
-    from deltapatch.data import builtin
-    from deltapatch.data.dataset import load_task_dir
-    from deltapatch.data.sources import builtin_task
-    from deltapatch.data.versioning import tasks_dir
-    from deltapatch.delta import validate_task_name
-
-    if "/" in name or "\\" in name or Path(name).suffix:
-        raise DeltapatchError(
-            f"'{name}' looks like a path; the stream takes task names: ingest the dataset first "
-            f"(`deltapatch ingest {name}`), then pass the task name it prints"
-        )
-    validate_task_name(name)
-    folder = tasks_dir(params) / name
-    if (folder / "manifest.csv").is_file():
-        return load_task_dir(folder, int(params["base"]["input_size"]), name)
-    if name in builtin.PATCH_TASKS:
-        return builtin_task(params, name)
-    raise DeltapatchError(
-        f"unknown task '{name}': no ingested task {folder} (with manifest.csv) and no built-in task of "
-        f"that name (built-in: {', '.join(builtin.PATCH_TASKS)}); ingest it with `deltapatch ingest PATH --task {name}`"
-    )
-
-
-def capped(data: TaskData, settings: StreamSettings, seed: int) -> TaskData:
-    """`data` with the per-class caps of `settings` applied (class-balanced, deterministic)."""
-    data = copy.copy(data)
-    if settings.max_train_per_class:
-        data.train = data.train.limit_per_class(int(settings.max_train_per_class), seed)
-    if settings.max_eval_per_class:
-        data.val = data.val.limit_per_class(int(settings.max_eval_per_class), seed)
-        data.test = data.test.limit_per_class(int(settings.max_eval_per_class), seed)
-    return data
-
-
 def open_context(params: dict[str, Any], settings: StreamSettings, *,
                  progress: bool) -> tuple[StreamContext, TrainSettings, TaskData]:
     """Load (pre-training if missing) the base model; return the context, the train settings and
@@ -243,7 +209,9 @@ def run_stream(params: dict[str, Any], strategies: list[str] | None = None, task
         settings = dataclasses.replace(settings, epochs=epochs)
     task_names = list(tasks or settings.tasks or section(params, "bench", BenchSettings).tasks)
     _check_stream(params, task_names)
-    patch_tasks = [stream_task(params, t) for t in task_names]  # a bad name fails before any training
+    with tempfile.TemporaryDirectory(prefix="deltapatch-stream-") as workdir:
+        # A bad name or dataset fails here, before any training.
+        patch_tasks = [resolve_task(params, t, Path(workdir)) for t in task_names]
     return run_tasks(params, patch_tasks, settings, strategies=strategies, quick=quick, out_dir=out_dir,
                      progress=progress, tracking_uri=tracking_uri)
 

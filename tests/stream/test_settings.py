@@ -19,25 +19,24 @@ def test_quick_overrides_merge_strategy_options() -> None:
         StreamSettings(quick={"epochz": 1}).for_run(quick=True)
 
 
-def test_bad_task_names_fail_with_the_fix(project) -> None:  # noqa: ANN001
-    from deltapatch.stream.runner import _check_stream, stream_task
+def test_bad_task_names_fail_with_the_fix(project, tmp_path) -> None:  # noqa: ANN001
+    from deltapatch.data.sources import resolve_task
+    from deltapatch.stream.runner import _check_stream
 
     with pytest.raises(DeltapatchError, match="unknown task 'street-signs'.*deltapatch ingest PATH --task street-signs"):
-        stream_task(project, "street-signs")
-    with pytest.raises(DeltapatchError, match="looks like a path.*ingest the dataset first"):
-        stream_task(project, "/tmp/my-data")
+        resolve_task(project, "street-signs", tmp_path)
     with pytest.raises(DeltapatchError, match="'digits' is the base task"):
         _check_stream(project, ["glyphs", "digits"])
     with pytest.raises(DeltapatchError, match=r"\['glyphs'\] appear more than once"):
         _check_stream(project, ["glyphs", "shapes", "glyphs"])
-    assert stream_task(project, "shapes").num_classes == 5
+    assert resolve_task(project, "shapes", tmp_path).num_classes == 5
 
 
 def test_ingested_task_names_are_loaded_from_data_tasks(project, tmp_path) -> None:  # noqa: ANN001
     """A folder data/tasks/<name>/ with a manifest (what `deltapatch ingest` writes) is a stream task."""
     from PIL import Image
 
-    from deltapatch.stream.runner import stream_task
+    from deltapatch.data.sources import resolve_task
 
     folder = tmp_path / "data" / "tasks" / "blobs"
     rows = ["path,class,split,sha256"]
@@ -48,7 +47,7 @@ def test_ingested_task_names_are_loaded_from_data_tasks(project, tmp_path) -> No
         Image.new("RGB", (32, 32), (20 + i, 20, 20) if cls == "dark" else (230, 230 - i, 230)).save(folder / path)
         rows.append(f"{path},{cls},{split},x")
     (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
-    data = stream_task({**project, "_root": str(tmp_path)}, "blobs")
+    data = resolve_task({**project, "_root": str(tmp_path)}, "blobs", tmp_path / "work")
     assert data.name == "blobs" and data.class_names == ["dark", "light"] and len(data.train) == 4
 
 

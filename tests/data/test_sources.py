@@ -1,4 +1,5 @@
-"""`bench --tasks`: built-in names, ingested names, and a user's dataset path validated like ingest."""
+"""Task sources (`bench --tasks`, `stream --tasks`): built-in and ingested names, and a user's dataset
+path validated like ingest."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deltapatch.bench import resolve_task
+from deltapatch.data.sources import resolve_task
 from deltapatch.errors import DatasetError
 from tests.conftest import make_project
 
@@ -54,5 +55,5 @@ def test_a_bad_dataset_path_gets_the_same_error_as_ingest_and_nothing_is_written
 
 
 def test_an_unknown_task_names_the_choices(plain_project: dict[str, Any], tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="not a built-in task.*shapes"):
+    with pytest.raises(DatasetError, match="not a built-in task.*shapes.*deltapatch ingest PATH --task no-such-task"):
         resolve_task(plain_project, "no-such-task", tmp_path / "work")
