@@ -34,9 +34,11 @@ def bench(
 ) -> None:
     """Train every method on every patch task; write OUT/bench.csv, bench.md and bench.png."""
     from deltapatch.bench import run_bench
+    from deltapatch.cli.core import need_base
     from deltapatch.config import load_params
 
     params = load_params()
+    need_base(params)
     frame = run_bench(params, methods=_names(methods), tasks=_names(tasks), quick=quick, out_dir=out, epochs=epochs)
     means = frame.groupby("method", sort=False)[["patch_acc", "base_acc_change", "patch_pct"]].mean()
     console.print(means.to_string(float_format=lambda v: f"{v:.4f}"))

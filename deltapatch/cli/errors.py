@@ -1,22 +1,79 @@
-"""Turn library errors into one clear line and exit code instead of a traceback."""
+"""Turn library errors into clear lines and an exit code instead of a traceback, and keep the
+libraries' INFO logging out of the output unless ``deltapatch --verbose``.
+
+Every error ends with one line that says what to do: the error's own `hint` when it has one, else a
+pointer to `deltapatch doctor`, which checks the whole project and names the fix.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from deltapatch.telemetry import QUIETED_MARKER
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 err_console = Console(stderr=True)
 
+DOCTOR_HINT = "run `deltapatch doctor` to check the project; it names the fix for each problem"
+# Environment switches that quiet MLflow/Prefect in this process (read when they are imported).
+QUIET_ENV = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+}
+
+_verbose = False
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Called once by the `deltapatch` callback, before any command imports MLflow or Prefect."""
+    global _verbose
+    _verbose = verbose
+    if verbose:
+        return
+    quieted = {key for key in QUIET_ENV if key not in os.environ}  # the user's own settings win
+    os.environ.update({key: QUIET_ENV[key] for key in quieted})
+    quieted |= set(filter(None, os.environ.get(QUIETED_MARKER, "").split(",")))
+    os.environ[QUIETED_MARKER] = ",".join(sorted(quieted))
+    for name in ("alembic", "mlflow", "prefect", "httpx", "urllib3", "dvc"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for module in ("mlflow", "pydantic", "torch"):
+        warnings.filterwarnings("ignore", module=rf"{module}(\..*)?")
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+def print_error(exc: BaseException) -> None:
+    """`error: <message>` then the one line of what to do."""
+    from deltapatch.errors import DeltapatchError
+
+    if isinstance(exc, DeltapatchError):
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err_console.print(f"[bold]→[/] {escape(exc.hint or DOCTOR_HINT)}")
+        return
+    first = (str(exc).strip().splitlines() or [""])[0]
+    err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(first)}")
+    err_console.print("[bold]→[/] an unexpected failure: rerun with `deltapatch --verbose ...` for the full "
+                      "traceback, and run `deltapatch doctor`")
+
 
 def user_errors(func: F) -> F:
-    """Decorator for commands: a `DeltapatchError` (or ConfigError) prints its message, exits 2."""
+    """Decorator for commands: a `DeltapatchError` (or ConfigError) prints its message and what to do,
+    exits 2; any other exception prints one line (the traceback only with --verbose), exits 1."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -24,8 +81,15 @@ def user_errors(func: F) -> F:
 
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except DeltapatchError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            print_error(exc)
             raise typer.Exit(2) from None
+        except Exception as exc:
+            if _verbose:
+                raise
+            print_error(exc)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deltapatch.cli.core import need_base
 from deltapatch.cli.errors import user_errors
 
 console = Console()
@@ -64,6 +65,7 @@ def run_command(
     from deltapatch.config import project_root, state_dir
 
     params = _params()
+    need_base(params)  # before anything is ingested
     root = project_root(params).resolve()
     if no_prefect:
         from deltapatch.pipeline import run_pipeline, summary_markdown
@@ -100,7 +102,7 @@ def submit_command(
     from deltapatch.inbox import submit
 
     params = _params()
-
+    need_base(params)  # before the dataset is copied or announced
     info = submit(params, path, task)
     console.print(f"submitted [bold]{info['task']}[/] → {info['path']} (event {info['event_id']})")
 
@@ -117,6 +119,7 @@ def watch_command(
     from deltapatch.stack import stack_dir
 
     params = _params()
+    need_base(params)
     api_url = api_url_for(params)  # fail now, not at the first arrival
     watcher = InboxWatcher(params, stable_seconds=stable_seconds)
     console.print(f"watching {watcher.inbox} (every {interval} s, complete after {stable_seconds} s unchanged) "
@@ -138,12 +141,21 @@ def watch_command(
 @stack_app.command("up")
 @user_errors
 def stack_up() -> None:
-    """Start Prefect + MLflow servers, the gpu worker, the served flows and the inbox watcher."""
+    """Start Prefect + MLflow servers, the gpu worker, the served flows and the inbox watcher.
+
+    On a partly running stack, restart only the processes that are down (the others keep running).
+    """
     from deltapatch.stack import up
 
+    params = _params()
+    need_base(params)  # the served flows and the serving app need it
     started = time.perf_counter()
-    info = up(_params(), on_progress=lambda m: console.print(f"  {m}"))
-    console.print(f"stack up in {time.perf_counter() - started:.0f} s")
+    info = up(params, on_progress=lambda m: console.print(f"  {m}"))
+    if info["kept"]:
+        restarted = ", ".join(info["restarted"]) or "nothing (every process was running)"
+        console.print(f"stack repaired in {time.perf_counter() - started:.0f} s: restarted {restarted}")
+    else:
+        console.print(f"stack up in {time.perf_counter() - started:.0f} s")
     _print_status(info)
 
 
