@@ -76,6 +76,7 @@ def migrate(state: Path, stack_running: bool = False) -> MigrationReport:
     if main.db.is_file():
         shutil.copy2(main.db, report.backup / "mlflow.db")
         report.add(f"backed up {main.db} → {report.backup / 'mlflow.db'}")
+    _rewrite_file_uris(main.db, report)  # first: runs copied in below then get mlflow-artifacts:/<id>/… too
     old = store.inspect_store(legacy_db)
     if legacy_db.is_file():
         parked = report.backup / "stack-store"  # in the layout of a store: mlflow.db + mlartifacts/
@@ -92,7 +93,6 @@ def migrate(state: Path, stack_running: bool = False) -> MigrationReport:
         except BaseException:
             _restore(report.backup, main, legacy_db, legacy_artifacts)
             raise
-    _rewrite_file_uris(main.db, report)
     left = store.inspect_store(main.db)
     if left.file_locations:
         report.add(f"{left.file_locations} location(s) outside {main.artifacts} were left as they are (not ours)")
@@ -166,6 +166,7 @@ def _merge(parked: Path, main: store.ProjectStore, report: MigrationReport) -> N
 
     store.register_scheme()
     store.init_store(main.uri)
+    store.use_uri(main.uri)  # MLflow's create_model_version looks logged models up through the global URI
     source_uri = store.sqlite_uri(parked / store.SQLITE_DB)
     merger = _Merger(MlflowClient(source_uri, source_uri), MlflowClient(main.uri, main.uri), source_uri, main.uri, report)
     merger.copy_runs()
@@ -254,7 +255,8 @@ class _Merger:
                 mapping[int(mv.version)] = same_base[tags["base_fingerprint"]]
                 continue
             run_id = self.runs.get(mv.run_id or "")
-            model_id = self.copy_logged_model(mv.model_id) if getattr(mv, "model_id", None) else None
+            logged = getattr(mv, "model_id", None) or _logged_model_id(mv.source)
+            model_id = self.copy_logged_model(logged) if logged else None
             tags["migrated_from"] = f"{store.LEGACY_STACK_DB} v{mv.version}"
             if run_id and "run_id" in tags:
                 tags["run_id"] = run_id
@@ -291,6 +293,13 @@ class _Merger:
             change = (source_model.tags or {}).get("last_alias_change")
             if change:
                 self.dst.set_registered_model_tag(name, "last_alias_change", change)
+
+
+def _logged_model_id(source: str | None) -> str | None:
+    """`models:/m-<id>` (a version made from a logged model; search results may omit `model_id`)."""
+    if source and source.startswith("models:/m-") and "/" not in source[len("models:/"):]:
+        return source[len("models:/"):]
+    return None
 
 
 def _alias_change_at(client: Any, name: str) -> str:

@@ -26,6 +26,7 @@ This module imports MLflow lazily: it is loaded by MLflow's plugin registry at M
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import urllib.parse
 from dataclasses import dataclass
@@ -109,6 +110,25 @@ def artifact_repository(artifact_uri: str, tracking_uri: str | None = None, regi
         return MlflowArtifactsRepository(artifact_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
     folder = local_path_of(artifact_uri, artifacts_beside(db))
     return LocalArtifactRepository(folder.as_uri(), tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+def use_uri(uri: str) -> None:
+    """Point this process's MLflow (tracking and registry) at `uri`, without exporting it.
+
+    MLflow's setters also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI; the user's own values are put
+    back, else an exported one would read as "set by the user" to the next project this process opens.
+    Some of MLflow's registry code reads the global URI, not its client's (create_model_version).
+    """
+    import mlflow
+
+    exported = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for key, value in exported.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def register_scheme() -> None:

@@ -141,8 +141,7 @@ def configure(params: dict[str, Any], check: bool = True) -> str:
 
     store.register_scheme()
     store.init_store(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    store.use_uri(uri)
     key = f"{uri}|{settings.experiment}"
     if key not in _configured:
         _configured[key] = _ensure_experiment(params, uri, settings.experiment)
