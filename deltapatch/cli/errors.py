@@ -61,14 +61,15 @@ def print_error(exc: BaseException) -> None:
     """`error: <message>` then the one line of what to do."""
     from deltapatch.errors import DeltapatchError
 
+    # soft_wrap: no line breaks inserted into paths and commands (the terminal wraps them for display)
     if isinstance(exc, DeltapatchError):
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
-        err_console.print(f"[bold]→[/] {escape(exc.hint or DOCTOR_HINT)}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[bold]→[/] {escape(exc.hint or DOCTOR_HINT)}", soft_wrap=True)
         return
     first = (str(exc).strip().splitlines() or [""])[0]
-    err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(first)}")
+    err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(first)}", soft_wrap=True)
     err_console.print("[bold]→[/] an unexpected failure: rerun with `deltapatch --verbose ...` for the full "
-                      "traceback, and run `deltapatch doctor`")
+                      "traceback, and run `deltapatch doctor`", soft_wrap=True)
 
 
 def user_errors(func: F) -> F:
