@@ -366,6 +366,12 @@ def release_step(params: dict[str, Any], path: str | os.PathLike[str]) -> bool:
     return release(params, path)
 
 
+def gate_hint(task: str, version: Any) -> str:
+    """What to do after a failed gate (the serving champion is untouched)."""
+    return (f"the champion of '{task}' is unchanged; every check is in `deltapatch patches show {task}@{version}`; "
+            f"retrain with more data or epochs, or adjust the `gate:` settings in params.yaml")
+
+
 def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, Any], started: float,
            gate: Any = None) -> PipelineOutcome:
     """gate → register → promote (or register as failed and raise GateFailed)."""
@@ -377,7 +383,8 @@ def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, 
                               registered["version"], trained["metrics"], gate.as_dict(), registered["mlflow_url"],
                               time.perf_counter() - started, gate.message)
     if not gate.passed:
-        raise GateFailed(f"{gate.message}; version {registered['version']} registered as failed, not promoted")
+        raise GateFailed(f"{gate.message}; version {registered['version']} registered as failed, not promoted",
+                         hint=gate_hint(task, registered["version"]))
     promote_step(params, task, registered["version"])
     return outcome
 
@@ -390,7 +397,7 @@ def project_params(project: str | os.PathLike[str] | None = None) -> dict[str, A
 
 
 __all__ = [
-    "CRASH_ENV", "DeltapatchError", "PipelineOutcome", "TrainingCrash", "artifact_key", "base_step", "champions",
+    "CRASH_ENV", "DeltapatchError", "PipelineOutcome", "TrainingCrash", "artifact_key", "base_step", "champions", "gate_hint",
     "checkpoint_path", "finish", "gate_step", "ingest_step", "materialise_patch", "mlflow_link",
     "project_params", "project_root", "promote_step", "register_step", "release_step", "run_pipeline",
     "summary_markdown", "train_step", "version_step",

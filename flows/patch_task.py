@@ -215,7 +215,8 @@ def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | N
     create_markdown_artifact(key=pipeline.artifact_key(name), markdown=pipeline.summary_markdown(outcome),
                              description=f"Δ-patch {name}: {outcome.status}")
     if not gate["passed"]:
-        raise GateFailed(f"{gate['message']}; version {registered['version']} registered as failed, not promoted")
+        raise GateFailed(f"{gate['message']}; version {registered['version']} registered as failed, not promoted",
+                         hint=pipeline.gate_hint(name, registered["version"]))
     result = outcome.as_dict()
     result["device"] = trained.get("device")
     result["resumed_from_epoch"] = trained.get("resumed_from_epoch", 0)

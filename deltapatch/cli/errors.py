@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -27,12 +28,13 @@ err_console = Console(stderr=True)
 
 DOCTOR_HINT = "run `deltapatch doctor` to check the project; it names the fix for each problem"
 # Environment switches that quiet MLflow/Prefect in this process (read when they are imported).
+# Prefect's own logger levels stay as they are: its API handler sends the run's logs to the UI.
 QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
 }
+OWN_CODE = (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "flows"))
 
 _verbose = False
 
@@ -47,10 +49,38 @@ def set_verbosity(verbose: bool) -> None:
     os.environ.update({key: QUIET_ENV[key] for key in quieted})
     quieted |= set(filter(None, os.environ.get(QUIETED_MARKER, "").split(",")))
     os.environ[QUIETED_MARKER] = ",".join(sorted(quieted))
-    for name in ("alembic", "mlflow", "prefect", "httpx", "urllib3", "dvc"):
+    for name in ("alembic", "mlflow", "httpx", "urllib3", "dvc"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for module in ("mlflow", "pydantic", "torch"):
-        warnings.filterwarnings("ignore", module=rf"{module}(\..*)?")
+    warnings.showwarning = _library_warnings_hidden(warnings.showwarning)
+
+
+def _library_warnings_hidden(show: Callable[..., None]) -> Callable[..., None]:
+    """Libraries' warnings (MLflow's type-hint advice, deprecations) are for their developers; ours stay.
+    (A filter would not do: MLflow installs its own warning filters when imported, after ours.)"""
+
+    def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "-packages" + os.sep in filename:
+            return
+        show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
+class _OwnRunLines(logging.Filter):
+    """Prefect's console in quiet mode: the run's lines that deltapatch's flows log (ingested, epochs,
+    gate, …); not the engine's chatter or its tracebacks — the command reports the outcome itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL or record.pathname.startswith(OWN_CODE)
+
+
+def quiet_prefect_console() -> None:
+    """Call once Prefect is imported (it sets up its logging then), before running a flow here."""
+    if _verbose:
+        return
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            handler.addFilter(_OwnRunLines())
 
 
 def is_verbose() -> bool:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deltapatch.cli.core import need_base
-from deltapatch.cli.errors import user_errors
+from deltapatch.cli.errors import quiet_prefect_console, user_errors
 
 console = Console()
 
@@ -80,12 +80,20 @@ def run_command(
     ensure_flows_importable()
     from flows.patch_task import patch_task_flow
 
+    quiet_prefect_console()
     state = patch_task_flow(path=str(path.resolve()), task_name=task, project=str(root), train_on="inline",
                             epochs=epochs, return_state=True)
     if not state.is_completed():
         from deltapatch.errors import DeltapatchError
 
-        raise DeltapatchError(f"patch-task run {state.name}: {state.message}")
+        try:
+            state.result()  # the run's own error (with its hint), when Prefect kept it
+        except DeltapatchError:
+            raise
+        except Exception:  # noqa: BLE001 — anything else: report the state below
+            pass
+        raise DeltapatchError(f"patch-task run {state.name}: {state.message}",
+                              hint="see the run's log with `deltapatch --verbose run …`")
     result = state.result()
     _print_results([result])
 

@@ -114,8 +114,9 @@ def check_reachable(uri: str, settings: RegistrySettings) -> None:
         if attempt < settings.retries:
             time.sleep(settings.retry_delay_s * attempt)
     raise RegistryError(
-        f"MLflow at {uri} is unreachable (no answer to /health after {settings.retries} tries); start it "
-        f"(`deltapatch stack up`), fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite store"
+        f"MLflow at {uri} is unreachable (no answer to /health after {settings.retries} tries)",
+        hint="start it (`deltapatch stack up` repairs a partly running stack), fix MLFLOW_TRACKING_URI, or "
+             "unset it to use the project's registry file",
     )
 
 
