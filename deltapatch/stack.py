@@ -30,6 +30,7 @@ from typing import Any
 from deltapatch.config import ConfigError, project_root, section, state_dir
 from deltapatch.errors import DeltapatchError
 from deltapatch.registry.store import check_single_store, init_store, project_store
+from deltapatch.registry.tracking import external_registry, registry_settings
 from deltapatch.telemetry import QUIETED_MARKER, TELEMETRY_OFF
 
 STACK_FILE = "stack.json"
@@ -100,14 +101,7 @@ def _write_state(params: dict[str, Any], state: dict[str, Any]) -> None:
 
 
 def serve_port(params: dict[str, Any]) -> int:
-    from deltapatch.registry.tracking import registry_settings
-
     return int(registry_settings(params).serve_port)
-
-
-def external_registry() -> str | None:
-    """MLFLOW_TRACKING_URI when set: the stack then uses that registry and starts no MLflow server."""
-    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or None
 
 
 def urls(params: dict[str, Any]) -> dict[str, str]:

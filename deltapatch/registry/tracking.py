@@ -83,21 +83,21 @@ def local_store(params: dict[str, Any]) -> tuple[str, Path]:
     return found.uri, found.artifacts
 
 
+def external_registry() -> str | None:
+    """MLFLOW_TRACKING_URI when the user set it: that registry only, nothing local (no store file
+    opened, no MLflow server started by the stack)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or None
+
+
 def resolve_tracking_uri(params: dict[str, Any]) -> str:
     """The tracking (and registry) URI every deltapatch entry point uses."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    url = stack_mlflow_url(params)
-    if url:
-        return url
-    return local_store(params)[0]
+    return external_registry() or stack_mlflow_url(params) or local_store(params)[0]
 
 
 def uses_project_store(params: dict[str, Any]) -> bool:
     """True unless MLFLOW_TRACKING_URI names another registry (then nothing local is used)."""
-    return not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return external_registry() is None
 
 
 def is_http(uri: str) -> bool:
