@@ -386,13 +386,13 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
         down(params)
         raise
     info = status(params)
-    info["restarted"], info["kept"] = list(state["processes"]), []
+    info["started"], info["kept"] = list(state["processes"]), []
     return info
 
 
 def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     """Restart the processes of a partly running stack that are down; the others (and the flow runs
-    they hold) keep running untouched. Returns the status with `restarted` and `kept` names."""
+    they hold) keep running untouched. Returns the status with the `started` and `kept` names."""
     settings = stack_settings(params)
     cmds = _commands(params, settings)
     entries = state.setdefault("processes", {})
@@ -418,7 +418,7 @@ def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], N
         listed = ", ".join(f"{n} (pid {entries[n]['pid']})" for n in kept)
         say(f"kept running: {listed}")
     info = status(params)
-    info["restarted"], info["kept"] = dead, kept
+    info["started"], info["kept"] = dead, kept
     return info
 
 

@@ -160,7 +160,7 @@ def stack_up() -> None:
     started = time.perf_counter()
     info = up(params, on_progress=lambda m: console.print(f"  {m}"))
     if info["kept"]:
-        restarted = ", ".join(info["restarted"]) or "nothing (every process was running)"
+        restarted = ", ".join(info["started"]) or "nothing (every process was running)"
         console.print(f"stack repaired in {time.perf_counter() - started:.0f} s: restarted {restarted}")
     else:
         console.print(f"stack up in {time.perf_counter() - started:.0f} s")
