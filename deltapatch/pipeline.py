@@ -42,12 +42,12 @@ class TrainingCrash(RuntimeError):
 # ------------------------------------------------------------------------------------------ ingest
 
 
-def base_step(params: dict[str, Any], progress: bool = False) -> str:
+def base_step(params: dict[str, Any], progress: bool = False, say: Any = None) -> str:
     """The base model exists before any data is touched (pre-trained now for the embedded default;
     ConfigError naming the file for a user's base). Returns the weights path."""
     from deltapatch.models.pretrain import ensure_base
 
-    return str(ensure_base(params, progress=progress, say=log.info))
+    return str(ensure_base(params, progress=progress, say=say or log.info))
 
 
 def ingest_step(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None) -> dict[str, Any]:

@@ -44,7 +44,7 @@ NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backof
 @task(name="check-base")
 def base_task(project: str | None) -> str:
     """Before any data is touched: the base exists (the embedded default is pre-trained now)."""
-    return pipeline.base_step(pipeline.project_params(project))
+    return pipeline.base_step(pipeline.project_params(project), say=get_run_logger().info)
 
 
 @task(name="release-arrival", task_run_name="release {path}")
