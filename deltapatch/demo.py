@@ -55,7 +55,7 @@ def prepare_project(src_params: dict[str, Any], folder: Path, say: Callable[[str
 
 def _base_weights(src: dict[str, Any], params: dict[str, Any], say: Callable[[str], None]) -> None:
     from deltapatch.models.base import sidecar_path
-    from deltapatch.models.pretrain import pretrain_base
+    from deltapatch.models.pretrain import ensure_base
 
     target = resolve_path(params, params["base"]["weights"])
     if target.exists():
@@ -70,9 +70,8 @@ def _base_weights(src: dict[str, Any], params: dict[str, Any], say: Callable[[st
             shutil.copy2(sidecar_path(source), sidecar_path(target))
         say(f"base model copied from {source}")
         return
-    say("pre-training the base model (once)…")
     started = time.perf_counter()
-    pretrain_base(params, progress=True)
+    ensure_base(params, progress=True, say=say)
     say(f"base model pre-trained in {time.perf_counter() - started:.0f} s")
 
 
@@ -142,9 +141,8 @@ def run_demo(src_params: dict[str, Any], project: Path, *, tasks: list[str] | No
 
     started = time.perf_counter()
     params = prepare_project(src_params, project, say)
-    if stack.client_env(params) is None:
-        say("starting the stack…")
-        stack.up(params, on_progress=lambda m: say(f"  {m}"))
+    say("starting the stack (a running one only gets its stopped processes restarted)…")
+    stack.up(params, on_progress=lambda m: say(f"  {m}"))
     env = use_stack(params)
     from deltapatch.inbox import submit
 

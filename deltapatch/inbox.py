@@ -11,6 +11,12 @@ in ``.part``/``.tmp``/``.crdownload`` are ignored (submit copies under a hidden 
 What was announced is remembered in ``.deltapatch/inbox-emitted.json`` (name + content signature),
 so a restarted watcher does not announce it again, and a dataset submitted with `submit` is not
 announced a second time by the watcher.
+
+Names: the task name is ``--task`` or the submitted folder/archive's own name. When that name is
+already in the inbox (an earlier arrival still running), `submit` puts the copy under its own name in
+a hidden per-arrival folder, ``inbox/.arrival-<time>-<id>/<name>``, so the copy keeps the user's name.
+A dataset leaves the inbox when its run has ended (:func:`release`): once its data is versioned, or
+by being quarantined.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ CONFIRM_SECONDS = 30.0
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial")
 EMITTED_FILE = "inbox-emitted.json"
+ARRIVAL_PREFIX = ".arrival-"  # hidden per-arrival folder of a submit whose name is taken
 
 
 def inbox_dir(params: dict[str, Any]) -> Path:
@@ -141,19 +148,54 @@ def submit(params: dict[str, Any], path: str | os.PathLike[str], task: str | Non
     inbox = inbox_dir(params)
     name = src.name
     dest = inbox / name
-    if dest.exists() or src == dest:
-        stem = default_task_name(src)
-        dest = inbox / (f"{stem}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}" + name[len(stem):])
+    if dest.exists() or src == dest:  # keep the user's name: a folder of its own for this arrival
+        dest = inbox / f"{ARRIVAL_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}" / name
+    entry = _inbox_entry(inbox, dest)
     hidden = inbox / f".incoming-{uuid.uuid4().hex}{name[len(default_task_name(src)):]}"
     if src.is_dir():
         shutil.copytree(src, hidden, symlinks=True)
     else:
         shutil.copy2(src, hidden)
     with _emitted(params) as emitted:
+        dest.parent.mkdir(exist_ok=True)
         os.replace(hidden, dest)
-        emitted[dest.name] = {"signature": signature(dest), "task": task, "by": "submit", "at": time.time()}
-    event_id = emit_arrival(api_url, dest, task) if announce else ""
-    return {"path": str(dest), "task": task or default_task_name(dest), "event_id": event_id}
+        emitted[entry.name] = {"signature": signature(entry), "task": task, "by": "submit", "at": time.time()}
+    try:
+        event_id = emit_arrival(api_url, dest, task) if announce else ""
+    except BaseException:
+        release(params, dest)  # not announced: take the copy back out (the user's original is untouched)
+        raise
+    return {"path": str(dest), "task": task or default_task_name(src), "event_id": event_id}
+
+
+def _inbox_entry(inbox: Path, path: Path) -> Path:
+    """The top-level inbox entry holding `path` (its per-arrival folder, or `path` itself)."""
+    return path.parent if path.parent != inbox and path.parent.name.startswith(ARRIVAL_PREFIX) else path
+
+
+def in_inbox(params: dict[str, Any], path: str | os.PathLike[str]) -> bool:
+    inbox = inbox_dir(params).resolve()
+    resolved = Path(path).resolve()
+    return resolved != inbox and resolved.is_relative_to(inbox)
+
+
+def release(params: dict[str, Any], path: str | os.PathLike[str]) -> bool:
+    """Take a dataset whose run has ended out of the inbox (its data is versioned, or it was
+    quarantined already); forget its announcement. A path outside the inbox is never touched.
+    Returns True when something was removed."""
+    inbox = inbox_dir(params).resolve()
+    path = Path(path).resolve()
+    if not in_inbox(params, path):
+        return False
+    entry = _inbox_entry(inbox, path)
+    removed = entry.exists()
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    elif removed:
+        entry.unlink(missing_ok=True)
+    with _emitted(params) as emitted:
+        emitted.pop(entry.name, None)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------- watch

@@ -5,11 +5,13 @@ The Prefect flows (``flows/patch_task.py``) wrap each step in a task; ``deltapat
 takes the project params and returns plain JSON-able dicts, so results can cross process boundaries
 (the training step runs on the GPU work pool's worker).
 
-    ingest_step → version_step → train_step → gate_step → register_step → promote_step
+    base_step → ingest_step → version_step → train_step → gate_step → register_step → promote_step
+    (release_step when the run has ended: the dataset leaves the inbox)
 
-Failure semantics: a rejected dataset raises :class:`~deltapatch.errors.DatasetError` (input
-quarantined by ingest, nothing registered); a failed gate registers the version as *failed* (tagged,
-never promoted) and raises :class:`~deltapatch.errors.GateFailed` naming the check and the margin.
+Failure semantics: a missing user base raises ConfigError before anything is ingested (the dataset
+stays where it is); a rejected dataset raises :class:`~deltapatch.errors.DatasetError` (input
+quarantined, nothing registered); a failed gate registers the version as *failed* (tagged, never
+promoted) and raises :class:`~deltapatch.errors.GateFailed` naming the check and the margin.
 """
 
 from __future__ import annotations
@@ -40,16 +42,29 @@ class TrainingCrash(RuntimeError):
 # ------------------------------------------------------------------------------------------ ingest
 
 
+def base_step(params: dict[str, Any], progress: bool = False, say: Any = None) -> str:
+    """The base model exists before any data is touched (pre-trained now for the embedded default;
+    ConfigError naming the file for a user's base). Returns the weights path."""
+    from deltapatch.models.pretrain import ensure_base
+
+    return str(ensure_base(params, progress=progress, say=say or log.info))
+
+
 def ingest_step(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None) -> dict[str, Any]:
-    """Validate, normalise and version the dataset at `path` (ingest quarantines a rejected input)."""
-    from deltapatch.data.ingest import ingest
+    """Validate, normalise and version the dataset at `path` (ingest quarantines a rejected input;
+    an arrival identical to another task is refused and quarantined here)."""
+    from deltapatch.data.ingest import ingest, quarantine
+    from deltapatch.inbox import in_inbox
 
     result = ingest(path, params, task=task)
     if result.status == "unchanged" and result.duplicate_of and result.duplicate_of != result.task:
-        raise DatasetError(
-            f"the dataset for '{result.task}' is identical to the already ingested task "
-            f"'{result.duplicate_of}'; nothing to train (submit it under that name to retrain it)"
-        )
+        message = (f"exact duplicate: the dataset for '{result.task}' is identical to the already ingested task "
+                   f"'{result.duplicate_of}' (data version {result.data_version}); nothing to train")
+        kept = ""
+        if in_inbox(params, path) and Path(path).exists():
+            folder = quarantine(params, Path(path), message)
+            kept = f" (input kept in {folder.relative_to(project_root(params).resolve())}/)"
+        raise DatasetError(message + kept, hint=f"submit it with --task {result.duplicate_of} to retrain that task")
     version = result.data_version
     return {
         "task": result.task,
@@ -329,11 +344,32 @@ def run_pipeline(params: dict[str, Any], path: str | os.PathLike[str], task: str
                  epochs: int | None = None, progress: bool = True) -> PipelineOutcome:
     """All steps in this process, without Prefect (scripts, notebooks, `deltapatch run --no-prefect`)."""
     started = time.perf_counter()
-    ingested = ingest_step(params, path, task)
-    version_step(params, ingested)
-    trained = train_step(params, ingested["task"], ingested["task_dir"], ingested["data_version"],
-                         manifest_sha256=ingested["manifest_sha256"], epochs=epochs, progress=progress)
-    return finish(params, ingested, trained, started)
+    base_step(params, progress=progress)
+    try:
+        ingested = ingest_step(params, path, task)
+    except DatasetError:
+        release_step(params, path)
+        raise
+    try:
+        version_step(params, ingested)
+        trained = train_step(params, ingested["task"], ingested["task_dir"], ingested["data_version"],
+                             manifest_sha256=ingested["manifest_sha256"], epochs=epochs, progress=progress)
+        return finish(params, ingested, trained, started)
+    finally:
+        release_step(params, path)
+
+
+def release_step(params: dict[str, Any], path: str | os.PathLike[str]) -> bool:
+    """The run of the dataset at `path` has ended (versioned or quarantined): out of the inbox."""
+    from deltapatch.inbox import release
+
+    return release(params, path)
+
+
+def gate_hint(task: str, version: Any) -> str:
+    """What to do after a failed gate (the serving champion is untouched)."""
+    return (f"the champion of '{task}' is unchanged; every check is in `deltapatch patches show {task}@{version}`; "
+            f"retrain with more data or epochs, or adjust the `gate:` settings in params.yaml")
 
 
 def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, Any], started: float,
@@ -347,7 +383,8 @@ def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, 
                               registered["version"], trained["metrics"], gate.as_dict(), registered["mlflow_url"],
                               time.perf_counter() - started, gate.message)
     if not gate.passed:
-        raise GateFailed(f"{gate.message}; version {registered['version']} registered as failed, not promoted")
+        raise GateFailed(f"{gate.message}; version {registered['version']} registered as failed, not promoted",
+                         hint=gate_hint(task, registered["version"]))
     promote_step(params, task, registered["version"])
     return outcome
 
@@ -360,8 +397,8 @@ def project_params(project: str | os.PathLike[str] | None = None) -> dict[str, A
 
 
 __all__ = [
-    "CRASH_ENV", "DeltapatchError", "PipelineOutcome", "TrainingCrash", "artifact_key", "champions",
+    "CRASH_ENV", "DeltapatchError", "PipelineOutcome", "TrainingCrash", "artifact_key", "base_step", "champions", "gate_hint",
     "checkpoint_path", "finish", "gate_step", "ingest_step", "materialise_patch", "mlflow_link",
-    "project_params", "project_root", "promote_step", "register_step", "run_pipeline", "summary_markdown",
-    "train_step", "version_step",
+    "project_params", "project_root", "promote_step", "register_step", "release_step", "run_pipeline",
+    "summary_markdown", "train_step", "version_step",
 ]

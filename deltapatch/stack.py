@@ -2,8 +2,12 @@
 inbox watcher and the patch-serving app, all on 127.0.0.1, for one project.
 
 State lives in ``<project>/.deltapatch/stack/``: ``stack.json`` (URLs, ports, PIDs with their start
-times, log files), ``logs/<process>.log``, the Prefect home (``prefect/``: its SQLite database) and
-the MLflow store (``mlflow/mlflow.db`` + ``mlflow/artifacts``). Every process is started in its own
+times, log files), ``logs/<process>.log`` and the Prefect home (``prefect/``: its SQLite database).
+The MLflow server serves the project's one registry store, ``.deltapatch/mlflow.db`` with proxied
+artifacts in ``.deltapatch/mlartifacts`` — the store commands open directly when the stack is down
+(:mod:`deltapatch.registry.store`); with ``MLFLOW_TRACKING_URI`` set, no MLflow server is started and
+every process uses that registry. `up` on a partly running stack restarts only the processes that
+are down. Every process is started in its own
 session (process group); :func:`down` signals exactly the recorded groups, after checking that each
 PID still is the process that was started (same start time), with SIGTERM, a second SIGTERM for the
 Prefect worker (which ignores the first one for ~20 s), then SIGKILL after ``stack.stop_timeout``.
@@ -25,10 +29,14 @@ from typing import Any
 
 from deltapatch.config import ConfigError, project_root, section, state_dir
 from deltapatch.errors import DeltapatchError
-from deltapatch.telemetry import TELEMETRY_OFF
+from deltapatch.registry.store import check_single_store, init_store, project_store
+from deltapatch.registry.tracking import external_registry, registry_settings
+from deltapatch.telemetry import QUIETED_MARKER, TELEMETRY_OFF
 
 STACK_FILE = "stack.json"
 PROCESS_ORDER = ("prefect", "mlflow", "worker", "deployments", "watcher", "serve")
+# the deployments `flows.serve` creates (train-patch/gpu runs on the work pool, the others are served)
+DEPLOYMENTS = ("patch-task/patch-task", "train-patch/gpu", "rollback-patch/rollback-patch")
 
 
 class StackError(DeltapatchError):
@@ -93,8 +101,6 @@ def _write_state(params: dict[str, Any], state: dict[str, Any]) -> None:
 
 
 def serve_port(params: dict[str, Any]) -> int:
-    from deltapatch.registry.tracking import registry_settings
-
     return int(registry_settings(params).serve_port)
 
 
@@ -104,7 +110,7 @@ def urls(params: dict[str, Any]) -> dict[str, str]:
     return {
         "prefect_url": f"http://{host}:{settings.prefect_port}",
         "prefect_api_url": f"http://{host}:{settings.prefect_port}/api",
-        "mlflow_url": f"http://{host}:{settings.mlflow_port}",
+        "mlflow_url": external_registry() or f"http://{host}:{settings.mlflow_port}",
         "serve_url": f"http://{host}:{serve_port(params)}",
     }
 
@@ -135,6 +141,8 @@ def process_env(params: dict[str, Any], state: dict[str, Any] | None = None) -> 
     settings = stack_settings(params)
     u = urls(params)
     env = dict(os.environ)
+    for key in env.pop(QUIETED_MARKER, "").split(","):  # the CLI's quiet switches: the logs keep INFO
+        env.pop(key, None)
     env.update(TELEMETRY_OFF)
     root = project_root(params).resolve()
     env.update({
@@ -220,16 +228,15 @@ def _deltapatch_cmd() -> list[str]:
 
 def _commands(params: dict[str, Any], settings: StackSettings) -> dict[str, list[str]]:
     sd = stack_dir(params)
-    (sd / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
     (sd / "prefect").mkdir(parents=True, exist_ok=True)
+    registry = project_store(state_dir(params))  # the same store every command opens without a server
     py = sys.executable
     root = str(project_root(params).resolve())
     cmds = {
         "prefect": [py, "-m", "prefect", "server", "start", "--host", settings.host,
                     "--port", str(settings.prefect_port)],
-        "mlflow": [py, "-m", "mlflow", "server", "--backend-store-uri",
-                   f"sqlite:///{(sd / 'mlflow' / 'mlflow.db').resolve()}", "--artifacts-destination",
-                   str((sd / "mlflow" / "artifacts").resolve()), "--host", settings.host,
+        "mlflow": [py, "-m", "mlflow", "server", "--backend-store-uri", registry.uri,
+                   "--artifacts-destination", str(registry.artifacts.resolve()), "--host", settings.host,
                    "--port", str(settings.mlflow_port), "--workers", "1"],
         "worker": [py, "-m", "prefect", "worker", "start", "--pool", settings.gpu_pool, "--type", "process",
                    "--name", f"gpu-worker-{socket.gethostname()}"],
@@ -241,7 +248,17 @@ def _commands(params: dict[str, Any], settings: StackSettings) -> dict[str, list
     }
     if not settings.serve_app or not _serve_available():
         cmds.pop("serve")
+    if external_registry():
+        cmds.pop("mlflow")
     return cmds
+
+
+def _ports(params: dict[str, Any], settings: StackSettings, names: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """process → (params.yaml key, port) of the servers among `names`."""
+    known = {"prefect": ("stack.prefect_port", settings.prefect_port),
+             "mlflow": ("stack.mlflow_port", settings.mlflow_port),
+             "serve": ("registry.serve_port", serve_port(params))}
+    return {name: known[name] for name in names if name in known}
 
 
 def _serve_available() -> bool:
@@ -288,7 +305,7 @@ def _health(params: dict[str, Any], name: str, state: dict[str, Any]) -> tuple[b
             online = [w["name"] for w in (r.json() if r.status_code == 200 else []) if w.get("status") == "ONLINE"]
             return bool(online), f"pool '{settings.gpu_pool}': {len(online)} online worker(s)"
         if name == "deployments":
-            names = ["patch-task/patch-task", "train-patch/gpu", "rollback-patch/rollback-patch"]
+            names = DEPLOYMENTS
             found = []
             for dep in names:
                 r = httpx.get(f"{u['prefect_api_url']}/deployments/name/{dep}", timeout=3)
@@ -324,25 +341,29 @@ def status(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Start every process, wait until each is healthy; on any failure stop what was started."""
+    """Start every process, wait until each is healthy; on any failure stop what was started.
+
+    On a partly running stack, restart only the processes that are down (:func:`repair`).
+    """
     say = on_progress or (lambda _msg: None)
     settings = stack_settings(params)
+    if not external_registry():
+        check_single_store(state_dir(params))  # never serve one half of a split registry
     previous = read_state(params)
     if previous and any(is_running(e) for e in previous.get("processes", {}).values()):
-        raise StackError("the stack of this project is already running (see `deltapatch stack status`); "
-                         "stop it first with `deltapatch stack down`")
-    ports = {"stack.prefect_port": settings.prefect_port, "stack.mlflow_port": settings.mlflow_port}
-    if settings.serve_app and _serve_available():
-        ports["registry.serve_port"] = serve_port(params)
+        return repair(params, previous, say)
+    cmds = _commands(params, settings)
+    ports = dict(_ports(params, settings, cmds).values())
     busy = [f"{key}={port}" for key, port in ports.items() if not _port_free(settings.host, int(port))]
     if busy:
         raise StackError(f"port(s) already in use on {settings.host}: {', '.join(busy)}; stop whatever holds "
                          f"them or pick other ports in params.yaml (the keys named above)")
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"params.yaml: stack ports must differ, got {ports}")
+    if "mlflow" in cmds:
+        init_store(project_store(state_dir(params)).uri)  # created once, before server and clients race
     env = process_env(params)
     root = project_root(params).resolve()
-    cmds = _commands(params, settings)
     stack_urls = urls(params)  # nested for `status`, flat for readers of one key (registry.tracking)
     state: dict[str, Any] = {"project": str(root), "urls": stack_urls, "processes": {},
                              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_root": str(code_root()),
@@ -364,7 +385,47 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
         say("start-up failed: stopping what was started")
         down(params)
         raise
-    return status(params)
+    info = status(params)
+    info["started"], info["kept"] = list(state["processes"]), []
+    return info
+
+
+def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """Restart the processes of a partly running stack that are down; the others (and the flow runs
+    they hold) keep running untouched. Returns the status with the `started` and `kept` names."""
+    settings = stack_settings(params)
+    cmds = _commands(params, settings)
+    entries = state.setdefault("processes", {})
+    kept = [n for n in PROCESS_ORDER if n in cmds and n in entries and is_running(entries[n])]
+    dead = [n for n in PROCESS_ORDER if n in cmds and n not in kept]
+    for name, (key, port) in _ports(params, settings, dead).items():
+        if not _port_free(settings.host, int(port)) and name in entries:
+            # A dead server's children can outlive it and hold its port (MLflow's uvicorn): that group is ours.
+            _signal_group(entries[name], signal.SIGKILL, leader_check=False)
+            _wait_port_free(settings.host, int(port), KILL_WAIT_SECONDS)
+        if not _port_free(settings.host, int(port)):
+            raise StackError(f"{name} is down but port {port} ({key}) is in use by another program; stop it or "
+                             f"change {key} in params.yaml, then run `deltapatch stack up` again")
+    env = process_env(params)
+    root = project_root(params).resolve()
+    deadline = time.monotonic() + settings.startup_timeout
+    for name in dead:
+        entries[name] = _spawn(params, name, cmds[name], env, root)
+        say(f"restarted {name} (pid {entries[name]['pid']}): it was down")
+        _write_state(params, state)
+        wait_healthy(params, [name], state, deadline, say)
+    if kept:
+        listed = ", ".join(f"{n} (pid {entries[n]['pid']})" for n in kept)
+        say(f"kept running: {listed}")
+    info = status(params)
+    info["started"], info["kept"] = dead, kept
+    return info
+
+
+def _wait_port_free(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _port_free(host, port) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def wait_healthy(params: dict[str, Any], names: list[str], state: dict[str, Any], deadline: float,
@@ -459,6 +520,12 @@ def _signal_group(entry: dict[str, Any], sig: int, leader_check: bool = True) ->
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def mlflow_running(params: dict[str, Any]) -> bool:
+    """The stack's MLflow server (which holds the registry files open) is running."""
+    entry = (read_state(params) or {}).get("processes", {}).get("mlflow")
+    return bool(entry) and is_running(entry)
 
 
 def client_env(params: dict[str, Any]) -> dict[str, str] | None:

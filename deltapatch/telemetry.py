@@ -21,6 +21,11 @@ TELEMETRY_OFF = {
 }
 
 
+# Set by the CLI (deltapatch.cli.errors.set_verbosity) to the names of the variables it set to keep
+# MLflow/Prefect INFO logging out of its output; processes the stack starts drop them (full logs).
+QUIETED_MARKER = "DELTAPATCH_QUIETED"
+
+
 def disable_telemetry() -> None:
     """Set the opt-out variables unless the user set them explicitly."""
     for key, value in TELEMETRY_OFF.items():

@@ -12,18 +12,44 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from deltapatch import pipeline
+from deltapatch.errors import DatasetError, DeltapatchError, GateFailed, retryable
 from deltapatch.telemetry import disable_telemetry
 
 disable_telemetry()
 
+
+def retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn` of every retried task: a configuration error, a rejected dataset, a failed
+    gate or a fingerprint mismatch fails the same way again (errors.retryable); network and server
+    errors, and crashes, are retried."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 — the failed state re-raises its own exception here
+        return retryable(exc)
+    return True
+
+
 TRAIN_DEPLOYMENT = "train-patch/gpu"
-NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2)
+NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
+                       retry_condition_fn=retry_if_retryable)
 
 
 # ------------------------------------------------------------------------------------------- tasks
+
+
+@task(name="check-base")
+def base_task(project: str | None) -> str:
+    """Before any data is touched: the base exists (the embedded default is pre-trained now)."""
+    return pipeline.base_step(pipeline.project_params(project), say=get_run_logger().info)
+
+
+@task(name="release-arrival", task_run_name="release {path}")
+def release_task(project: str | None, path: str) -> bool:
+    return pipeline.release_step(pipeline.project_params(project), path)
 
 
 @task(name="ingest-and-validate", task_run_name="ingest {path}")
@@ -36,7 +62,8 @@ def version_task(project: str | None, ingested: dict[str, Any]) -> dict[str, Any
     return pipeline.version_step(pipeline.project_params(project), ingested)
 
 
-@task(name="train-delta-patch", task_run_name="train {task_name}", retries=2, retry_delay_seconds=1)
+@task(name="train-delta-patch", task_run_name="train {task_name}", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_if_retryable)
 def train_task(project: str | None, task_name: str, task_dir: str, data_version: str, manifest_sha256: str,
                epochs: int | None = None) -> dict[str, Any]:
     """Checkpoints every epoch; a retry resumes from the last finished epoch."""
@@ -54,7 +81,8 @@ def train_task(project: str | None, task_name: str, task_dir: str, data_version:
     return trained
 
 
-@task(name="train-on-gpu-pool", task_run_name="train {task_name} on the gpu pool", retries=1, retry_delay_seconds=2)
+@task(name="train-on-gpu-pool", task_run_name="train {task_name} on the gpu pool", retries=1, retry_delay_seconds=2,
+      retry_condition_fn=retry_if_retryable)
 def train_on_pool_task(project: str | None, task_name: str, task_dir: str, data_version: str,
                        manifest_sha256: str, epochs: int | None = None) -> dict[str, Any]:
     """Run the `train-patch/gpu` deployment and wait; a retry starts a new run that resumes."""
@@ -66,6 +94,13 @@ def train_on_pool_task(project: str | None, task_name: str, task_dir: str, data_
                                                            epochs=epochs),
                          timeout=None, poll_interval=2, flow_run_name=f"train-{task_name}")
     logger.info("training run %s ended %s", run.name, run.state.name if run.state else "?")
+    if run.state is not None and run.state.is_failed():
+        try:  # the training's own error, when Prefect kept it: a configuration error is not retried
+            run.state.result()
+        except DeltapatchError:
+            raise
+        except Exception:  # noqa: BLE001 — not readable here: report the state below (retried)
+            pass
     if run.state is None or not run.state.is_completed():
         raise RuntimeError(f"training run {run.name} ended {run.state.name if run.state else 'without a state'}: "
                            f"{run.state.message if run.state else ''}")
@@ -132,19 +167,29 @@ def patch_task_flow(path: str, task_name: str | None = None, project: str | None
     train_on: "pool" (the `train-patch/gpu` deployment on the GPU work pool), "inline" (in this
     process, as a sub-flow) or "auto" (the pool when its deployment and an online worker exist).
     """
-    from prefect.artifacts import create_markdown_artifact
-
-    logger = get_run_logger()
     started = time.perf_counter()
     task_name = task_name or None  # the arrival event carries '' when no name was given
     name_for_artifact = task_name or Path(path).name
+    base_task(project)  # before anything is ingested: a missing user base leaves the dataset where it is
     try:
         ingested = ingest_task(project, path, task_name)
     except Exception as exc:
+        rejected = isinstance(exc, DatasetError)
         create_markdown_artifact(key=pipeline.artifact_key(name_for_artifact),
-                                 markdown=f"# Δ-patch `{name_for_artifact}`: ❌ rejected\n\n{exc}\n",
-                                 description="dataset rejected")
+                                 markdown=f"# Δ-patch `{name_for_artifact}`: ❌ {'rejected' if rejected else 'failed'}"
+                                          f"\n\n{exc}\n", description="dataset rejected" if rejected else "ingest failed")
+        if rejected:  # quarantined (moved out of the inbox)
+            release_task(project, path)
         raise
+    try:
+        return _after_ingest(path, project, train_on, epochs, ingested, started)
+    finally:
+        release_task(project, path)  # the data is versioned: the inbox copy is done with
+
+
+def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | None, ingested: dict[str, Any],
+                  started: float) -> dict[str, Any]:
+    logger = get_run_logger()
     name = ingested["task"]
     logger.info("ingested '%s' (%s): data version %s", name, ingested["status"], ingested["data_version"])
     version_task(project, ingested)
@@ -158,17 +203,20 @@ def patch_task_flow(path: str, task_name: str | None = None, project: str | None
     logger.info("trained on %s: patch accuracy %.3f", trained.get("device"), trained["metrics"]["patch_acc"])
     gate = gate_task(project, name, trained)
     registered = register_task(project, trained, gate, ingested["data_version"])
+    note = gate["message"]
+    if ingested["status"] == "unchanged":
+        note = (f"The dataset is an exact duplicate of this task's data version {ingested['data_version']}: "
+                f"nothing new was versioned, the patch was retrained on it.\n\n{note}")
     outcome = pipeline.PipelineOutcome(name, "promoted" if gate["passed"] else "gate-failed", ingested["data_version"],
                                        registered["version"], trained["metrics"], gate, registered["mlflow_url"],
-                                       time.perf_counter() - started, gate["message"])
+                                       time.perf_counter() - started, note)
     if gate["passed"]:
         promote_task(project, name, registered["version"])
     create_markdown_artifact(key=pipeline.artifact_key(name), markdown=pipeline.summary_markdown(outcome),
                              description=f"Δ-patch {name}: {outcome.status}")
     if not gate["passed"]:
-        from deltapatch.errors import GateFailed
-
-        raise GateFailed(f"{gate['message']}; version {registered['version']} registered as failed, not promoted")
+        raise GateFailed(f"{gate['message']}; version {registered['version']} registered as failed, not promoted",
+                         hint=pipeline.gate_hint(name, registered["version"]))
     result = outcome.as_dict()
     result["device"] = trained.get("device")
     result["resumed_from_epoch"] = trained.get("resumed_from_epoch", 0)

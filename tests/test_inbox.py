@@ -81,6 +81,7 @@ def test_submit_copies_into_the_inbox_and_the_watcher_does_not_announce_it_again
     second = submit(params, source, "birds", announce=False)
     assert Path(first["path"]) == inbox_dir(params) / "birds"
     assert Path(second["path"]) != Path(first["path"]), "a second arrival of the same name gets its own folder"
+    assert Path(second["path"]).name == "birds" and second["task"] == "birds", "… and keeps the submitted name"
     assert sorted(p.name for p in Path(first["path"]).iterdir()) == ["a", "b"]
     assert source.exists(), "submit copies; the user's dataset stays where it was"
     emitted: list[Path] = []
@@ -94,3 +95,16 @@ def test_submit_refuses_a_missing_path_naming_it(params: dict[str, Any], tmp_pat
 
     with pytest.raises(DatasetError, match="nowhere: no such file or folder"):
         submit(params, tmp_path / "nowhere", announce=False)
+
+
+def test_release_takes_an_ended_arrival_out_of_the_inbox_and_never_touches_other_folders(
+        params: dict[str, Any], tmp_path: Path) -> None:
+    from deltapatch.inbox import release
+
+    source = _dataset(tmp_path / "fish")
+    first = Path(submit(params, source, announce=False)["path"])
+    second = Path(submit(params, source, announce=False)["path"])
+    assert release(params, second) and not second.parent.exists(), "the per-arrival folder goes too"
+    assert release(params, first) and list(inbox_dir(params).iterdir()) == []
+    assert not release(params, source) and source.is_dir(), "a path outside the inbox is left alone"
+    assert Path(submit(params, source, announce=False)["path"]) == inbox_dir(params) / "fish", "the name is free again"

@@ -10,6 +10,7 @@ import importlib
 
 import typer
 
+from deltapatch.cli.errors import set_verbosity
 from deltapatch.telemetry import disable_telemetry
 
 disable_telemetry()
@@ -21,8 +22,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="Show MLflow/Prefect INFO logs and full tracebacks.")) -> None:
+    """Adapt a frozen CNN to new tasks with tiny Δ-patches; the base task never changes.
+
+    Start with `deltapatch doctor` when something looks off.
+    """
+    set_verbosity(verbose)
+
+
 # Each module defines `register(app: typer.Typer) -> None`.
-_COMMAND_MODULES = ("core", "data", "bench", "registry", "orchestration", "stream")
+_COMMAND_MODULES = ("core", "data", "bench", "registry", "orchestration", "stream", "doctor")
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"deltapatch.cli.{_name}").register(app)

@@ -40,9 +40,11 @@ def bench(
 ) -> None:
     """Train every method on every patch task; write OUT/bench.csv, bench.md and bench.png."""
     from deltapatch.bench import accuracy_table, run_bench
+    from deltapatch.cli.core import need_base
     from deltapatch.config import apply_overrides, load_params
 
     params = apply_overrides(load_params(), overrides or [])
+    need_base(params)
     frame = run_bench(params, methods=_names(methods), tasks=_names(tasks), quick=quick, out_dir=out, epochs=epochs,
                       seeds=seeds, resume=resume)
     console.print(accuracy_table(frame).to_string(index=False))

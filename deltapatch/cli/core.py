@@ -11,6 +11,15 @@ from rich.console import Console
 from deltapatch.cli.errors import user_errors
 
 console = Console()
+err_console = Console(stderr=True)  # progress notes, so stdout stays the command's answer
+
+
+def need_base(params: dict) -> None:  # type: ignore[type-arg]
+    """First step of every command that needs the base model: pre-train the embedded default now
+    (progress bar), or stop — before any work — naming a missing user base file and the fix."""
+    from deltapatch.models.pretrain import ensure_base
+
+    ensure_base(params, progress=True, say=lambda message: err_console.print(f"[bold]base:[/] {message}"))
 
 
 def register(app: typer.Typer) -> None:
@@ -62,6 +71,7 @@ def train(
     from deltapatch.patching import train_patch
 
     params = load_params()
+    need_base(params)
     data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=task)
     out = out or state_dir(params) / "patches" / data.name
     result = train_patch(params, data, out_dir=out, kind=kind)

@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deltapatch.cli.errors import user_errors
+from deltapatch.cli.core import need_base
+from deltapatch.cli.errors import quiet_prefect_console, user_errors
 
 console = Console()
 
@@ -64,6 +65,7 @@ def run_command(
     from deltapatch.config import project_root, state_dir
 
     params = _params()
+    need_base(params)  # before anything is ingested
     root = project_root(params).resolve()
     if no_prefect:
         from deltapatch.pipeline import run_pipeline, summary_markdown
@@ -78,12 +80,20 @@ def run_command(
     ensure_flows_importable()
     from flows.patch_task import patch_task_flow
 
+    quiet_prefect_console()
     state = patch_task_flow(path=str(path.resolve()), task_name=task, project=str(root), train_on="inline",
                             epochs=epochs, return_state=True)
     if not state.is_completed():
         from deltapatch.errors import DeltapatchError
 
-        raise DeltapatchError(f"patch-task run {state.name}: {state.message}")
+        try:
+            state.result()  # the run's own error (with its hint), when Prefect kept it
+        except DeltapatchError:
+            raise
+        except Exception:  # noqa: BLE001 — anything else: report the state below
+            pass
+        raise DeltapatchError(f"patch-task run {state.name}: {state.message}",
+                              hint="see the run's log with `deltapatch --verbose run …`")
     result = state.result()
     _print_results([result])
 
@@ -100,7 +110,7 @@ def submit_command(
     from deltapatch.inbox import submit
 
     params = _params()
-
+    need_base(params)  # before the dataset is copied or announced
     info = submit(params, path, task)
     console.print(f"submitted [bold]{info['task']}[/] → {info['path']} (event {info['event_id']})")
 
@@ -117,6 +127,7 @@ def watch_command(
     from deltapatch.stack import stack_dir
 
     params = _params()
+    need_base(params)
     api_url = api_url_for(params)  # fail now, not at the first arrival
     watcher = InboxWatcher(params, stable_seconds=stable_seconds)
     console.print(f"watching {watcher.inbox} (every {interval} s, complete after {stable_seconds} s unchanged) "
@@ -138,12 +149,21 @@ def watch_command(
 @stack_app.command("up")
 @user_errors
 def stack_up() -> None:
-    """Start Prefect + MLflow servers, the gpu worker, the served flows and the inbox watcher."""
+    """Start Prefect + MLflow servers, the gpu worker, the served flows and the inbox watcher.
+
+    On a partly running stack, restart only the processes that are down (the others keep running).
+    """
     from deltapatch.stack import up
 
+    params = _params()
+    need_base(params)  # the served flows and the serving app need it
     started = time.perf_counter()
-    info = up(_params(), on_progress=lambda m: console.print(f"  {m}"))
-    console.print(f"stack up in {time.perf_counter() - started:.0f} s")
+    info = up(params, on_progress=lambda m: console.print(f"  {m}"))
+    if info["kept"]:
+        restarted = ", ".join(info["started"]) or "nothing (every process was running)"
+        console.print(f"stack repaired in {time.perf_counter() - started:.0f} s: restarted {restarted}")
+    else:
+        console.print(f"stack up in {time.perf_counter() - started:.0f} s")
     _print_status(info)
 
 

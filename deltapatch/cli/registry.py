@@ -1,4 +1,4 @@
-"""Registry commands: `patches list|show|rollback`, `predict`, `serve`, `ui`."""
+"""Registry commands: `patches list|show|rollback`, `registry migrate`, `predict`, `serve`, `ui`."""
 
 from __future__ import annotations
 
@@ -6,19 +6,25 @@ import json
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from deltapatch.cli.core import need_base
 from deltapatch.cli.errors import user_errors
 
 console = Console()
 
 patches_app = typer.Typer(help="Registered Δ-patches (MLflow): list, show, roll back.", no_args_is_help=True)
+registry_app = typer.Typer(help="The project's registry store (MLflow): migrate an older project to one store.",
+                           no_args_is_help=True)
+HASH_CHARS = 12  # fingerprints and data versions in tables: enough to tell them apart, full with --json
 
 
 def register(app: typer.Typer) -> None:
     """Add this component's commands to `app`."""
     app.add_typer(patches_app, name="patches")
+    app.add_typer(registry_app, name="registry")
     app.command("predict")(predict)
     app.command("serve")(serve)
     app.command("ui")(ui)
@@ -36,36 +42,49 @@ def _fmt(value: object, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
+def short_hash(value: str | None) -> str:
+    """'sha256:ab12…' / '<commit>:<md5>:<sha>' → its first 12 hex characters ('-' when empty)."""
+    if not value:
+        return "-"
+    return value.removeprefix("sha256:")[:HASH_CHARS]
+
+
 @patches_app.command("list")
 @user_errors
 def list_cmd(
     task: str = typer.Option(None, "--task", help="Only this task."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects instead of a table."),
+    wide: bool = typer.Option(False, "--wide", help="Also bytes, trainable %, base check, creation time, run id."),
+    as_json: bool = typer.Option(False, "--json", help="Every field, full hashes, as a JSON list."),
 ) -> None:
-    """List registered patch versions with their aliases, gate, accuracy and lineage."""
+    """List registered patch versions: aliases, gate, accuracy, base and data version (12-char hashes)."""
     from deltapatch.registry.registry import list_patches
 
     rows = list_patches(_params(), task=task)
     if as_json:
-        keys = ("task", "version", "aliases", "gate", "patch_acc", "base_fingerprint", "base_version", "data_version",
-                "patch_bytes", "trainable_pct", "base_check", "registration", "created", "run_id")
-        print(json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=2))
+        print(json.dumps([{k: v for k, v in r.items() if k != "tags"} | {"tags": r["tags"]} for r in rows], indent=2))
         return
     if not rows:
         console.print("no registered patches" + (f" for task '{task}'" if task else ""))
         return
-    table = Table(title="registered Δ-patches")
-    for column in ("task", "version", "aliases", "gate", "patch acc", "base", "data version", "bytes", "trainable %", "created"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("version", "gate"))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    columns = ["task", "v", "alias", "gate", "acc", "base", "data"]
+    if wide:
+        columns += ["bytes", "params %", "base check", "created", "run"]
+    for column in columns:
+        table.add_column(column, no_wrap=column != "task", overflow="ellipsis" if column != "task" else "fold",
+                         justify="right" if column in ("v", "acc", "bytes", "params %") else "left")
     for r in rows:
         gate = r["gate"] or "-"
-        table.add_row(
-            r["task"], str(r["version"]), ", ".join(r["aliases"]) or "-",
-            f"[green]{gate}[/]" if gate == "passed" else f"[red]{gate}[/]",
-            _fmt(r["patch_acc"], ".3f"), (r["base_fingerprint"] or "-")[:19], _fmt(r["data_version"]),
-            _fmt(r["patch_bytes"], ","), _fmt(r["trainable_pct"], ".3f"), r["created"],
-        )
+        cells = [r["task"], str(r["version"]), ",".join(r["aliases"]) or "-",
+                 f"[green]{gate}[/]" if gate == "passed" else f"[red]{gate}[/]",
+                 _fmt(r["patch_acc"], ".3f"), short_hash(r["base_fingerprint"]), short_hash(r["data_version"])]
+        if wide:
+            cells += [_fmt(r["patch_bytes"], ","), _fmt(r["trainable_pct"], ".2f"), _fmt(r["base_check"]),
+                      r["created"].replace("T", " ")[:16], short_hash(r["run_id"])]
+        table.add_row(*cells)
     console.print(table)
+    if not wide:
+        console.print("[dim]--wide: sizes, base check, dates; --json: everything, full hashes[/]")
 
 
 def _parse_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -119,6 +138,26 @@ def rollback_cmd(
     console.print(f"{task}: champion moved from version {old} to version {new}" + (f" ({reason})" if reason else ""))
 
 
+@registry_app.command("migrate")
+@user_errors
+def migrate_cmd(dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be done.")) -> None:
+    """Merge an older project's two registry stores (and local-path artifact locations) into one."""
+    from deltapatch.config import state_dir
+    from deltapatch.registry.migrate import migrate, plan
+    from deltapatch.stack import mlflow_running
+
+    params = _params()
+    state = state_dir(params)
+    if dry_run:
+        console.print(plan(state) or "nothing to migrate: the project has one registry store")
+        return
+    report = migrate(state, stack_running=mlflow_running(params))
+    for line in report.actions:
+        console.print(f"  {line}")
+    if report.backup:
+        console.print(f"backup of the previous files: {report.backup}")
+
+
 @user_errors
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG/...)."),
@@ -134,6 +173,7 @@ def predict(
     if version is not None and alias is not None:
         raise typer.BadParameter("give --version or --alias, not both")
     params = _params()
+    need_base(params)
     size = int(params["base"]["input_size"])
     arrays = read_image_files(list(images), size)
     if task == "base" and version is None and alias is None:
@@ -181,7 +221,9 @@ def serve(
     """HTTP service: the base and every champion patch, mixed batches, follows alias moves."""
     from deltapatch.serve import run
 
-    run(_params(), host=host, port=port)
+    params = _params()
+    need_base(params)
+    run(params, host=host, port=port)
 
 
 @user_errors

@@ -55,6 +55,8 @@ SETUP_MESSAGE = "data: set up DVC data versioning (deltapatch)"
 class VersioningError(DeltapatchError):
     """git or DVC refused an operation on the project's data."""
 
+    retryable = True  # mostly a DVC remote that did not answer, or a lock held by another process
+
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -440,6 +442,28 @@ def push_data(params: dict[str, Any]) -> str | None:
         except Exception as exc:
             return f"`dvc push` failed ({type(exc).__name__}: {exc}); the data version is committed locally, run `dvc push` once the remote is reachable"
     return None
+
+
+def check_remote(params: dict[str, Any]) -> tuple[str, str | None]:
+    """(the default DVC remote as 'name (url)', the problem or None): does it answer ``dvc status
+    --cloud``? A project without a DVC repository yet has no remote to check (problem None, '')."""
+    root = project_root(params).resolve()
+    if not (root / ".dvc").is_dir():
+        return "", None
+    with _dvc_repo(root) as repo:
+        name = repo.config["core"].get("remote")
+        if not name:
+            return "", ("no default DVC remote: data versions stay in the local cache only; add one with "
+                        "`dvc remote add -d NAME URL` (or set data.dvc_remote)")
+        url = str(repo.config["remote"].get(name, {}).get("url", "?"))
+        label = f"{name} ({url})"
+        if "://" not in url and not Path(url).is_dir():
+            return label, f"the remote folder {url} does not exist; create it or fix `dvc remote modify {name} url`"
+        try:
+            repo.status(cloud=True, remote=name)
+        except Exception as exc:  # noqa: BLE001 — any failure to talk to the remote is the answer
+            return label, f"`dvc status --cloud` failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return label, None
 
 
 def current_version(params: dict[str, Any], task: str, manifest_sha: str) -> DataVersion:

@@ -1,14 +1,18 @@
-"""Pre-train the embedded default base model on the base task when no weights exist yet."""
+"""Pre-train the embedded default base model on the base task when no weights exist yet, and
+:func:`ensure_base`, the check every entry point that needs the base runs before doing any work."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltapatch.config import resolve_path, section
-from deltapatch.data.sources import base_eval_data
+from filelock import FileLock
+
+from deltapatch.config import ConfigError, resolve_path, section, state_dir
+from deltapatch.data.sources import BUILTIN_PREFIX, base_eval_data
 from deltapatch.fingerprint import fingerprint
 from deltapatch.models.base import base_settings, build_architecture, write_sidecar
 from deltapatch.train import (
@@ -31,6 +35,43 @@ class PretrainSettings:
     batch_size: int = 64
     lr: float = 0.002
     weight_decay: float = 0.0005
+
+
+def is_embedded_base(params: dict[str, Any]) -> bool:
+    """The embedded default base: evaluated on a built-in set, so deltapatch can pre-train it itself."""
+    return base_settings(params).eval_set.startswith(BUILTIN_PREFIX)
+
+
+def ensure_base(params: dict[str, Any], *, progress: bool = True,
+                say: Callable[[str], None] | None = None) -> Path:
+    """Make sure the base weights exist before any work starts; returns their path.
+
+    - present: nothing to do;
+    - missing, embedded default (``base.eval_set: builtin:…``): pre-train it now (once; concurrent
+      callers wait on a lock), with a progress bar, saying so;
+    - missing, a user's base: ConfigError naming the file and the fix — nothing was ingested yet.
+    """
+    say = say or (lambda _message: None)
+    settings = base_settings(params)
+    weights = resolve_path(params, settings.weights)
+    if weights.is_file():
+        return weights
+    if not is_embedded_base(params):
+        raise ConfigError(
+            f"base weights {weights} not found (params.yaml base.weights, your own base model with "
+            f"base.eval_set {settings.eval_set}); stopped before ingesting or training anything",
+            hint=f"put the weights file at {weights}, or point base.weights in params.yaml at it",
+        )
+    lock = state_dir(params) / "locks" / "pretrain.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        if weights.is_file():  # pre-trained by another process meanwhile
+            return weights
+        say(f"no base model yet: pre-training the embedded default ({settings.arch} on "
+            f"{settings.eval_set[len(BUILTIN_PREFIX):]}) into {weights}, once (a few minutes on a CPU)")
+        path = pretrain_base(params, progress=progress)
+    say(f"base model ready: {path}")
+    return path
 
 
 def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool = False) -> Path:

@@ -565,7 +565,8 @@ def list_patches(params: dict[str, Any], task: str | None = None) -> list[dict[s
             aliases = _aliases(client, name)
         except MlflowException:
             if task:
-                raise RegistryError(f"no registered patches for task '{task}' (model {name} does not exist)") from None
+                raise RegistryError(f"no registered patches for task '{task}' (model {name} does not exist)",
+                                    hint="`deltapatch patches list` shows the registered tasks") from None
             continue
         versions = client.search_model_versions(f"name='{name}'")
         for mv in sorted(versions, key=lambda m: -int(m.version)):
@@ -585,7 +586,8 @@ def get_version(params: dict[str, Any], task: str, version: int | str | None = N
     try:
         aliases = _aliases(client, name)
     except MlflowException:
-        raise RegistryError(f"nothing registered for task '{task}' (no model {name})") from None
+        raise RegistryError(f"nothing registered for task '{task}' (no model {name})",
+                            hint="`deltapatch patches list` shows the registered tasks") from None
     if version is None and alias is None:
         if task == "base":
             versions = [int(m.version) for m in client.search_model_versions(f"name='{name}'")]
@@ -596,12 +598,14 @@ def get_version(params: dict[str, Any], task: str, version: int | str | None = N
             alias = settings.champion_alias
     if alias is not None:
         if alias not in aliases:
-            raise RegistryError(f"task '{task}' has no version with alias '{alias}' (aliases: {sorted(aliases) or 'none'})")
+            raise RegistryError(f"task '{task}' has no version with alias '{alias}' (aliases: {sorted(aliases) or 'none'})",
+                                hint=f"`deltapatch patches list --task {task}` shows its versions and aliases")
         version = aliases[alias]
     try:
         mv = client.get_model_version(name, str(int(version)))  # type: ignore[arg-type]
     except (MlflowException, ValueError):
-        raise RegistryError(f"task '{task}' has no version {version}") from None
+        raise RegistryError(f"task '{task}' has no version {version}",
+                            hint=f"`deltapatch patches list --task {task}` shows its versions") from None
     return _version_info(task, mv, aliases)
 
 

@@ -1,11 +1,12 @@
 """Where the patch registry lives — resolved in ONE place for every entry point.
 
-    1. ``MLFLOW_TRACKING_URI`` when set;
+    1. ``MLFLOW_TRACKING_URI`` when set: that server (or store) only, nothing local;
     2. else the running local stack's MLflow server (``.deltapatch/stack/stack.json`` → ``mlflow_url``,
        used only if it answers ``/health``);
-    3. else an embedded sqlite store ``.deltapatch/mlflow.db`` with artifacts in ``.deltapatch/mlartifacts``
-       (no server needed: ``deltapatch run``, the flows, ``patches``, ``predict`` and ``serve`` all work).
+    3. else the same store that server serves, opened directly: ``.deltapatch/mlflow.db`` with its
+       proxied artifacts in ``.deltapatch/mlartifacts`` (see :mod:`deltapatch.registry.store`).
 
+2 and 3 are one store: a patch registered with the stack down is there once it is up, and back.
 This module imports no MLflow at module level (the CLI stays fast); :func:`configure` does.
 """
 
@@ -22,10 +23,11 @@ from typing import Any
 
 from deltapatch.config import section, state_dir
 from deltapatch.errors import RegistryError
+from deltapatch.registry import store
 
 STACK_FILE = Path("stack") / "stack.json"
-SQLITE_DB = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
+SQLITE_DB = store.SQLITE_DB
+ARTIFACTS_DIR = store.ARTIFACTS_DIR
 
 
 @dataclass
@@ -76,30 +78,26 @@ def stack_mlflow_url(params: dict[str, Any]) -> str | None:
 
 
 def local_store(params: dict[str, Any]) -> tuple[str, Path]:
-    """(sqlite URI, artifact folder) of the embedded store in the project's state folder."""
-    folder = state_dir(params)
-    return f"sqlite:///{folder / SQLITE_DB}", folder / ARTIFACTS_DIR
+    """(sqlite URI, artifact folder) of the project's one store (served by the stack's MLflow too)."""
+    found = store.project_store(state_dir(params))
+    return found.uri, found.artifacts
+
+
+def external_registry() -> str | None:
+    """MLFLOW_TRACKING_URI when the user set it: that registry only, nothing local (no store file
+    opened, no MLflow server started by the stack)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or None
 
 
 def resolve_tracking_uri(params: dict[str, Any]) -> str:
     """The tracking (and registry) URI every deltapatch entry point uses."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    url = stack_mlflow_url(params)
-    if url:
-        return url
-    return local_store(params)[0]
+    return external_registry() or stack_mlflow_url(params) or local_store(params)[0]
 
 
-def artifact_location(params: dict[str, Any], uri: str) -> str | None:
-    """Artifact root for a new experiment: beside the sqlite DB for a sqlite store; the server's
-    own (proxied) artifact store for a server."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return (db.parent / ARTIFACTS_DIR).resolve().as_uri()
-    return None
+def uses_project_store(params: dict[str, Any]) -> bool:
+    """True unless MLFLOW_TRACKING_URI names another registry (then nothing local is used)."""
+    return external_registry() is None
 
 
 def is_http(uri: str) -> bool:
@@ -116,8 +114,9 @@ def check_reachable(uri: str, settings: RegistrySettings) -> None:
         if attempt < settings.retries:
             time.sleep(settings.retry_delay_s * attempt)
     raise RegistryError(
-        f"MLflow at {uri} is unreachable (no answer to /health after {settings.retries} tries); start it "
-        f"(`deltapatch stack up`), fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite store"
+        f"MLflow at {uri} is unreachable (no answer to /health after {settings.retries} tries)",
+        hint="start it (`deltapatch stack up` repairs a partly running stack), fix MLFLOW_TRACKING_URI, or "
+             "unset it to use the project's registry file",
     )
 
 
@@ -135,22 +134,38 @@ def configure(params: dict[str, Any], check: bool = True) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.http_timeout_s))
+    if uses_project_store(params):
+        check_single_store(params)
     if check:
         check_reachable(uri, settings)
     import mlflow
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    store.register_scheme()
+    store.init_store(uri)
+    store.use_uri(uri)
     key = f"{uri}|{settings.experiment}"
     if key not in _configured:
-        _configured[key] = _ensure_experiment(params, uri, settings.experiment)
+        _configured[key] = ensure_experiment(uri, settings.experiment)
     mlflow.set_experiment(experiment_id=_configured[key])
     return uri
 
 
-def _ensure_experiment(params: dict[str, Any], uri: str, name: str) -> str:
+_single_store_checked: set[str] = set()
+
+
+def check_single_store(params: dict[str, Any]) -> None:
+    """Refuse (naming both files and `deltapatch registry migrate`) a project whose registry is split
+    or still records local paths; checked once per process and project."""
+    folder = state_dir(params)
+    if str(folder) in _single_store_checked:
+        return
+    store.check_single_store(folder)
+    _single_store_checked.add(str(folder))
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` on `uri`, created if missing: on a sqlite store with artifacts at
+    `mlflow-artifacts:/<id>` as the store's server would (no local path in the metadata)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -160,7 +175,9 @@ def _ensure_experiment(params: dict[str, Any], uri: str, name: str) -> str:
         if found is not None:
             return found.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(params, uri))
+            if store.sqlite_path(uri) is not None:  # as its server would: artifacts at mlflow-artifacts:/<id>
+                return store.sql_store(uri).create_experiment(name)
+            return client.create_experiment(name)  # the server's own default (proxied when it serves them)
         except MlflowException:  # created concurrently
             found = client.get_experiment_by_name(name)
             if found is None:

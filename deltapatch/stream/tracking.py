@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltapatch.errors import RegistryError
+from deltapatch.registry import store
 from deltapatch.registry.tracking import (
-    artifact_location,
     check_reachable,
+    ensure_experiment,
     registry_settings,
     stack_mlflow_url,
 )
@@ -66,14 +66,12 @@ def log_stream(params: dict[str, Any], uri: str, result: StreamResult) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    store.register_scheme()  # mlflow-artifacts: URIs of a sqlite store resolve to the folder beside it
+    store.init_store(uri)
     client = MlflowClient(uri)
     name = result.settings.experiment
     try:
-        found = client.get_experiment_by_name(name)
-        experiment = found.experiment_id if found else client.create_experiment(
-            name, artifact_location=artifact_location(params, uri))
+        experiment = ensure_experiment(uri, name)
         run = client.create_run(experiment, run_name="stream-quick" if result.quick else "stream",
                                 tags={"deltapatch.kind": "stream"})
         run_id = run.info.run_id

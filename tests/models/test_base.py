@@ -56,3 +56,20 @@ def test_unknown_architecture_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="not a torchvision model"):
         build_architecture(base_settings(params), 3)
+
+
+def test_ensure_base_pretrains_the_embedded_default_once_and_names_a_missing_user_base(tmp_path):
+    from deltapatch.models.pretrain import ensure_base
+
+    params = make_project(tmp_path / "embedded", {"pretrain": {"epochs": 1}, "demo": {"images_per_class": 12}})
+    said: list[str] = []
+    path = ensure_base(params, progress=False, say=said.append)
+    assert path.is_file() and load_base(params).fingerprint
+    assert any("pre-training the embedded default" in line for line in said), said
+    said.clear()
+    assert ensure_base(params, progress=False, say=said.append) == path and said == [], "only once"
+
+    mine = make_project(tmp_path / "mine", {"base": {"weights": "models/mine.pt", "eval_set": "data/base-eval"}})
+    with pytest.raises(ConfigError, match=r"models/mine\.pt not found.*stopped before ingesting") as missing:
+        ensure_base(mine, progress=False)
+    assert "base.weights" in missing.value.hint and not (tmp_path / "mine" / "models").exists()
