@@ -30,7 +30,7 @@ from deltapatch.inbox import PATCH_TASK_DEPLOYMENT
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # demo: keys that are not overrides of other sections
-DEMO_KEYS = {"tasks", "images_per_class", "epochs", "keep_base"}
+DEMO_KEYS = {"tasks", "images_per_class", "epochs", "min_steps", "keep_base"}
 
 
 def prepare_project(src_params: dict[str, Any], folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
@@ -43,8 +43,9 @@ def prepare_project(src_params: dict[str, Any], folder: Path, say: Callable[[str
     if not params_file.exists():
         raw = yaml.safe_load((project_root(src_params) / "params.yaml").read_text())
         demo = raw.get("demo") or {}
-        if demo.get("epochs"):
-            raw.setdefault("train", {})["epochs"] = int(demo["epochs"])
+        for key in ("epochs", "min_steps"):  # the demo's own, smaller training budget
+            if demo.get(key) is not None:
+                raw.setdefault("train", {})[key] = int(demo[key])
         params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
         say(f"created scratch project {folder}")
     params = load_params(folder)

@@ -42,7 +42,9 @@ def make_project(folder: Path, overrides: dict[str, Any] | None = None) -> dict[
 
     folder.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    _merge(params, {"train": {"threads": 0}, **(overrides or {})})
+    # Tests train for few steps on tiny data: no step budget unless a test sets one.
+    _merge(params, {"train": {"threads": 0, "min_steps": 0}})
+    _merge(params, overrides or {})
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return load_params(folder)
 

@@ -23,7 +23,7 @@ def test_demo_patches_a_task_through_the_stack_and_leaves_nothing_running(
     source = new_project(base_project, tmp_path / "checkout", {
         "stack": {"prefect_port": free_port(), "mlflow_port": free_port(), "serve_app": False,
                   "watch_stable_seconds": 1.0, "startup_timeout": 300},
-        "demo": {"images_per_class": 12, "epochs": 1},
+        "demo": {"images_per_class": 12, "epochs": 1, "min_steps": 3},
     })
     scratch = tmp_path / "scratch"
     messages: list[str] = []
@@ -38,13 +38,14 @@ def test_demo_patches_a_task_through_the_stack_and_leaves_nothing_running(
     assert base["passed"], base
     assert 0 < row["metrics"]["trainable_pct"] < 5
     assert "base model copied from" in " ".join(messages), "the demo reuses the checkout's base weights"
-    assert yaml_epochs(scratch) == 1, "demo.epochs becomes the scratch project's train.epochs"
+    assert yaml_train(scratch)["epochs"] == 1, "demo.epochs becomes the scratch project's train.epochs"
+    assert yaml_train(scratch)["min_steps"] == 3, "demo.min_steps becomes its train.min_steps"
     assert (scratch / "data" / "tasks" / "shapes").is_dir()
     assert not any((tmp_path / "checkout" / "data" / "tasks").iterdir()), "the demo never touches the checkout's data"
     assert stack.client_env(load_params(scratch)) is None, "--down stopped the scratch stack"
 
 
-def yaml_epochs(project: Path) -> int:
+def yaml_train(project: Path) -> dict[str, Any]:
     import yaml
 
-    return int(yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"])
+    return dict(yaml.safe_load((project / "params.yaml").read_text())["train"])

@@ -35,6 +35,10 @@ class PretrainSettings:
     batch_size: int = 64
     lr: float = 0.002
     weight_decay: float = 0.0005
+    min_steps: int = 0  # the patch recipe (train:) is not the base's: no step budget,
+    label_smoothing: float = 0.0  # no smoothing, no augmentation unless asked for here
+    augment_translate: float = 0.0
+    augment_scale: float = 0.0
 
 
 def is_embedded_base(params: dict[str, Any]) -> bool:
