@@ -166,6 +166,8 @@ def run_strategy(name: str, context: StreamContext, evaluator: _Evaluator, setti
     except TypeError as exc:
         raise ConfigError(f"params.yaml stream.strategy_options.{name}: {exc}") from None
     fit_settings = dataclasses.replace(train, epochs=settings.epochs, lr=options.lr or train.lr)
+    if settings.min_steps is not None:
+        fit_settings = dataclasses.replace(fit_settings, min_steps=settings.min_steps)
     strategy = cls(context, options)
     stream = evaluator.stream
     store = out_dir / "store" / name

@@ -16,6 +16,7 @@ class StreamSettings:
     strategies: list[str] = field(default_factory=lambda: ["delta", "naive", "ewc", "lwf", "replay", "lora", "paint"])
     tasks: list[str] | None = None  # the tasks after the base task; None: bench.tasks
     epochs: int = 6
+    min_steps: int | None = None  # None: train.min_steps (the shared step budget)
     max_train_per_class: int | None = None  # cap on training images per class (None: all)
     max_eval_per_class: int | None = None  # cap on val/test images per class, base task too (None: all)
     keep_files: bool = False  # keep OUT/store/<strategy>/ (what each strategy stores) after measuring it
