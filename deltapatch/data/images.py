@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -90,8 +91,10 @@ def decode_rgb(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             return to_rgb(ImageOps.exif_transpose(image))
     except ImageTooLarge:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from None
+    except Image.DecompressionBombError as exc:  # PIL's own guard, inside open(), before ours
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(found.group(1)) if found else None
+        raise ImageTooLarge(f"{pixels} pixels" if pixels else str(exc), pixels) from None
     except UnidentifiedImageError:
         raise UnreadableImage(f"not a {FORMAT_NAMES} image (fake or unsupported format)") from None
     except FileNotFoundError:
