@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app: typer.Typer) -> None`.
-_COMMAND_MODULES = ("core", "data", "bench", "registry", "orchestration")
+_COMMAND_MODULES = ("core", "data", "bench", "registry", "orchestration", "serving")
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"deltapatch.cli.{_name}").register(app)
