@@ -5,7 +5,8 @@
 
 One thread owns the forwards. It takes the oldest waiting request and every request already queued
 behind it, up to `max_images` images in all (a request is never split), runs ONE
-``Predictor.predict`` over their concatenation and hands each request its own rows. Nothing waits
+``Predictor.predict`` over their concatenation (one mixed-task forward, or one forward per task for
+batches of at least `group_from` images) and hands each request its own rows. Nothing waits
 on purpose: while a forward runs, the requests that arrive meanwhile queue up and form the next
 batch, so batching grows with the load and adds no latency when there is none. A request whose
 tasks fail in the shared forward (e.g. a task unloaded since the request was checked) is retried
@@ -37,9 +38,10 @@ class ForwardBatcher:
     """Runs `predictor.predict` for queued requests in shared forwards of at most `max_images` images
     (1: one forward per request). Thread-safe; call `close()` to stop the forward thread."""
 
-    def __init__(self, predictor: Predictor, max_images: int = 128) -> None:
+    def __init__(self, predictor: Predictor, max_images: int = 128, group_from: int = 0) -> None:
         self.predictor = predictor
         self.max_images = max(1, int(max_images))
+        self.group_from = int(group_from)  # see Predictor.predict
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._held: _Job | None = None  # the job that did not fit into the previous batch
         self.forwards = 0  # shared forwards run so far (for tests and logs)
@@ -84,7 +86,7 @@ class ForwardBatcher:
                 continue
             try:
                 rows = self.predictor.predict(np.concatenate([j.images for j in batch]),
-                                              [t for j in batch for t in j.tasks])
+                                              [t for j in batch for t in j.tasks], group_from=self.group_from)
             except DeltapatchError:
                 for job in batch:
                     self._alone(job)
@@ -100,6 +102,6 @@ class ForwardBatcher:
 
     def _alone(self, job: _Job) -> None:
         try:
-            job.future.set_result(self.predictor.predict(job.images, job.tasks))
+            job.future.set_result(self.predictor.predict(job.images, job.tasks, group_from=self.group_from))
         except Exception as exc:  # noqa: BLE001 (the request's own error, raised where it waits)
             job.future.set_exception(exc)

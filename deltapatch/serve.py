@@ -6,8 +6,8 @@
                       "refused": {task: reason}}
     POST /predict  {"items": [{"task": "shapes", "image": "<base64 image file>"}, ...]}
                    → {"results": [{"task", "version", "class", "class_index", "score", "scores"}, ...]}
-                   (ONE mixed-batch forward for the whole request, shared with the requests
-                   queued at the same time: deltapatch/batching.py)
+                   (ONE forward for the whole request, shared with the requests queued at
+                   the same time: deltapatch/batching.py)
     POST /reload   → re-read the champion aliases now (also done every registry.poll_seconds)
 
 Bad input never reaches the model and never gets a 5xx (params.yaml ``serve:``, docs/serving.md):
@@ -85,14 +85,15 @@ class ServeSettings:
     decode_threads: int = 2             # images decoded at once, over all requests
     torch_threads: int = 0              # torch intra-op threads of the serving process; 0 = torch's default
     batch_images: int = 128             # concurrent requests share one forward up to this many images
+    group_from: int = 64                # shared batches this large run one forward per task (0: never)
     token: str = ""                     # bearer token; DELTAPATCH_SERVE_TOKEN overrides it
 
     def __post_init__(self) -> None:
         for name in ("max_items", "max_body_bytes", "max_image_pixels", "decode_threads", "batch_images"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"params.yaml: serve.{name} must be at least 1, got {getattr(self, name)!r}")
-        if int(self.torch_threads) < 0:
-            raise ConfigError(f"params.yaml: serve.torch_threads must be 0 (torch's default) or more, got {self.torch_threads!r}")
+        if int(self.torch_threads) < 0 or int(self.group_from) < 0:
+            raise ConfigError("params.yaml: serve.torch_threads and serve.group_from must be 0 or more")
 
 
 def serve_settings(params: dict[str, Any]) -> ServeSettings:
@@ -298,7 +299,7 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
     sync = ChampionSync(params, predictor)
     sync.refresh()
     pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="deltapatch-decode")
-    batcher = ForwardBatcher(predictor, settings.batch_images)
+    batcher = ForwardBatcher(predictor, settings.batch_images, settings.group_from)
     authorized = [Depends(_bearer_guard(serve_token(settings)))]
 
     @contextlib.asynccontextmanager
@@ -361,7 +362,8 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
         names = [item.task for item in parsed.items]
         unknown = sorted({t for t in names if t != "base" and t not in predictor.patches})
         if unknown:
-            raise RequestRejected(404, f"no champion patch served for task(s) {unknown}; served: {predictor.tasks()}")
+            named = [name[:64] for name in unknown[:MAX_LISTED]] + (["…"] if len(unknown) > MAX_LISTED else [])
+            raise RequestRejected(404, f"no champion patch served for task(s) {named}; served: {predictor.tasks()}")
         images = await run_in_threadpool(decode_items, parsed.items, predictor.input_size, settings, pool)
         try:  # shared with the requests queued at the same time (deltapatch/batching.py)
             results = await asyncio.wrap_future(batcher.submit(images, names))

@@ -49,7 +49,7 @@ def test_bad_requests_get_their_4xx_and_never_reach_the_model(limited: dict[str,
     predictor = app.state.predictor
     forwards: list[int] = []
     real_predict = predictor.predict
-    predictor.predict = lambda images, tasks: forwards.append(len(tasks)) or real_predict(images, tasks)
+    predictor.predict = lambda images, tasks, **kw: forwards.append(len(tasks)) or real_predict(images, tasks, **kw)
     good = png_bytes(1)
 
     def post(body: Any, status: int, *needles: str, **kwargs: Any) -> None:
