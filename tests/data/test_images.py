@@ -38,6 +38,7 @@ def test_other_formats_are_refused_by_format(fmt):
         decode_rgb(data)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets the module's filter
 def test_pixel_count_is_checked_from_the_header_before_decoding():
     bomb = bomb_png(12_000, 12_000)  # ~100 bytes; its pixel data is junk and is never decoded
     with pytest.raises(ImageTooLarge, match="12000×12000 = 144000000 pixels") as info:

@@ -24,7 +24,7 @@ def predictor(base_project: dict[str, Any], trained: Trained) -> Predictor:
 
 
 def _images(trained: Trained, n: int) -> np.ndarray:
-    return trained.data.test.images[:n].permute(0, 2, 3, 1).contiguous().numpy()
+    return trained.data.train.images[:n].permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def test_per_task_forwards_equal_the_mixed_forward(predictor: Predictor, trained: Trained) -> None:
