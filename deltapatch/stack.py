@@ -353,6 +353,11 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
     if previous and any(is_running(e) for e in previous.get("processes", {}).values()):
         return repair(params, previous, say)
     cmds = _commands(params, settings)
+    if "serve" in cmds:  # the same rule as `deltapatch serve`: never beyond loopback without a token
+        # Lazy: deltapatch.serve imports torch and FastAPI, which `stack status/down` never need.
+        from deltapatch.serve import check_exposure, serve_settings
+
+        check_exposure(settings.host, serve_settings(params))
     ports = dict(_ports(params, settings, cmds).values())
     busy = [f"{key}={port}" for key, port in ports.items() if not _port_free(settings.host, int(port))]
     if busy:

@@ -10,19 +10,22 @@ from tests.conftest import REPO_ROOT, make_project
 
 def _sections():
     from deltapatch.bench import BenchSettings
+    from deltapatch.bench_serve import BenchServeSettings
     from deltapatch.data.versioning import DataSettings
     from deltapatch.gate import GateSettings
     from deltapatch.models.base import BaseSettings
     from deltapatch.models.pretrain import PretrainSettings
     from deltapatch.patching import DeltaSettings
     from deltapatch.registry.tracking import RegistrySettings
+    from deltapatch.serve import ServeSettings
     from deltapatch.stack import StackSettings
     from deltapatch.stream.settings import StreamSettings
     from deltapatch.train import TrainSettings
 
     return {"base": BaseSettings, "pretrain": PretrainSettings, "delta": DeltaSettings, "train": TrainSettings,
             "data": DataSettings, "gate": GateSettings, "stack": StackSettings, "bench": BenchSettings,
-            "registry": RegistrySettings, "stream": StreamSettings}
+            "registry": RegistrySettings, "serve": ServeSettings, "bench_serve": BenchServeSettings,
+            "stream": StreamSettings}
 
 
 def test_every_section_of_the_shipped_params_yaml_is_known():

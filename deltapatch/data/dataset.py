@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from deltapatch.data.images import DEFAULT_MAX_PIXELS, ImageError, load_pixels, read_image_files
 from deltapatch.data.splits import SPLITS, stratified_split
 from deltapatch.errors import DatasetError
 
@@ -68,8 +68,12 @@ def from_arrays(
     return TaskData(name, class_names, splits["train"], splits["val"], splits["test"])
 
 
-def load_task_dir(task_dir: Path, image_size: int, name: str | None = None) -> TaskData:
-    """Read an ingested task folder (`manifest.csv` with path,class,split,sha256) into memory."""
+def load_task_dir(task_dir: Path, image_size: int, name: str | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> TaskData:
+    """Read an ingested task folder (`manifest.csv` with path,class,split,sha256) into memory.
+
+    Images go through the one image pipeline (deltapatch/data/images.py), like at serving time.
+    """
     import pandas as pd
 
     task_dir = Path(task_dir)
@@ -84,28 +88,20 @@ def load_task_dir(task_dir: Path, image_size: int, name: str | None = None) -> T
         rows = manifest[manifest["split"] == split]
         if rows.empty:
             raise DatasetError(f"{manifest_path}: no '{split}' images; re-ingest the task")
-        images = np.stack([_read_rgb(task_dir / p, image_size) for p in rows["path"]])
+        images = np.stack([_read_pixels(task_dir / p, image_size, max_pixels) for p in rows["path"]])
         labels = np.array([index[str(c)] for c in rows["class"]], dtype=np.int64)
         splits[split] = Split(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels))
     return TaskData(name or task_dir.name, class_names, splits["train"], splits["val"], splits["test"])
 
 
-def _read_rgb(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
+def _read_pixels(path: Path, size: int, max_pixels: int) -> np.ndarray:
+    try:
+        return load_pixels(path, size, max_pixels)
+    except ImageError as exc:
+        raise DatasetError(f"{path}: {exc}; re-ingest the task (deltapatch ingest PATH)") from None
 
 
-def read_images(paths: list[Path], size: int) -> torch.Tensor:
+def read_images(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Load image files for prediction: → (N, 3, size, size) uint8."""
-    arrays = []
-    for path in paths:
-        try:
-            arrays.append(_read_rgb(Path(path), size))
-        except (OSError, ValueError) as exc:
-            raise DatasetError(
-                f"{path}: not a readable image ({exc}); pass PNG/JPEG/BMP/WebP files"
-            ) from None
-    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+    arrays = read_image_files([Path(p) for p in paths], size, max_pixels)
+    return torch.from_numpy(arrays.transpose(0, 3, 1, 2).copy())

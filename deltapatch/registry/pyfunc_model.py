@@ -10,6 +10,13 @@ Two kinds, chosen by the version's ``model_config``:
 
 ``predict`` takes images as a uint8 array (N, H, W, 3) and returns a DataFrame with one row per image:
 ``task``, ``class``, ``class_index``, ``score`` and ``scores`` (a JSON object class → probability).
+Images go through the one image pipeline (deltapatch/data/images.py): arrays of another size are
+resized with its filter, and encoded image files (bytes, e.g. a DataFrame column ``image``) are
+decoded by it, exactly as ``serve`` and the training data loader do.
+
+``predict``'s type hint (``np.ndarray``) is one MLflow accepts without inferring a signature from
+it: the explicit tensor signature given at logging stays in force, and MLflow does not warn about
+missing type hints when the model is loaded (``deltapatch predict`` prints only its answer).
 """
 
 from __future__ import annotations
@@ -19,15 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.pyfunc import PythonModel
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+from deltapatch.data.images import load_pixels, resize_array
+from deltapatch.errors import FingerprintMismatch
+from deltapatch.registry.runtime import Predictor, load_base_files
+from deltapatch.train import resolve_device
 
 
 class DeltaPatchModel(PythonModel):
-    def load_context(self, context):
-        from deltapatch.errors import FingerprintMismatch
-        from deltapatch.registry.runtime import Predictor, load_base_files
-        from deltapatch.train import resolve_device
-
+    def load_context(self, context: PythonModelContext) -> None:
         config = dict(context.model_config or {})
         self.kind = config.get("kind", "patch")
         expected = config.get("base_fingerprint", "")
@@ -48,11 +58,9 @@ class DeltaPatchModel(PythonModel):
         if self.kind != "base":
             self.predictor.add_patch(Path(context.artifacts["patch"]), version=str(config.get("version", "")))
 
-    def predict(self, context, model_input, params=None):  # no type hints: the signature is explicit
-        import numpy as np
-        import pandas as pd
-
-        images = _as_images(model_input, np)
+    def predict(self, context: PythonModelContext, model_input: np.ndarray,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        images = _as_images(model_input, self.predictor.input_size)
         rows = self.predictor.predict(images, self.task)
         return pd.DataFrame(
             {
@@ -65,15 +73,18 @@ class DeltaPatchModel(PythonModel):
         )
 
 
-def _as_images(model_input: Any, np: Any) -> Any:
+def _as_images(model_input: Any, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) at the model's size from an array, {"images": array}, or a DataFrame whose
+    column ``image`` holds arrays or encoded image files (bytes)."""
     if isinstance(model_input, dict) and "images" in model_input:
         model_input = model_input["images"]
-    if hasattr(model_input, "to_numpy") and not isinstance(model_input, np.ndarray):  # a DataFrame
-        frame = model_input
-        if "image" in getattr(frame, "columns", []):
-            return np.stack([np.asarray(v, dtype=np.uint8) for v in frame["image"]])
-        model_input = frame.to_numpy()
-    return np.asarray(model_input)
+    if isinstance(model_input, pd.DataFrame):
+        if "image" in model_input.columns:
+            return np.stack([load_pixels(bytes(v), size) if isinstance(v, bytes | bytearray)
+                             else resize_array(np.asarray(v, dtype=np.uint8)[None], size)[0]
+                             for v in model_input["image"]])
+        model_input = model_input.to_numpy()
+    return resize_array(np.asarray(model_input), size)
 
 
 mlflow.models.set_model(DeltaPatchModel())
