@@ -58,7 +58,7 @@ def test_method_trains_saves_and_serves(name: str, context: Any, tiny_task: Any,
     if isinstance(method, Paint):
         method.set_alpha(1.0)  # the fine-tuned end of the interpolation is what training moved
     # Training moved the metric: the method fits its training split far better than before training.
-    assert train_accuracy(method, context, tiny_task) >= _UNTRAINED_ACC[name] + 0.3
+    assert train_accuracy(method, context, tiny_task) >= _UNTRAINED_ACC[name] + 0.15
     method.after_fit(tiny_task)
     assert base_logits(method, context).shape == context.reference_logits.shape
     size = method.save(tmp_path)

@@ -58,7 +58,7 @@ def test_quick_bench_two_tasks_two_seeds(project: dict[str, Any], tmp_path: Path
     assert (delta["base_logits_max_abs_diff"] == 0).all() and (delta["base_acc_change"] == 0).all()
     assert frame.loc[frame["method"] == "full-ft", "train_time_ratio_vs_full_ft"].eq(1.0).all()
     assert frame.loc[frame["method"] == "full-ft", "latency_ratio_merged"].isna().all()  # empty cell
-    assert (frame["patch_bytes"] > 0).all() and (frame["epochs_run"] == 6).all()  # 12 steps, 2 per epoch
+    assert (frame["patch_bytes"] > 0).all() and (frame["epochs_run"] == 12).all()  # 12 steps, one batch (≤ 20 images) per epoch
     report = (out / "bench.md").read_text()
     assert "Targets for the default Δ kind" in report and " ± " in report
 

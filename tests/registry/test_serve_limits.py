@@ -136,11 +136,13 @@ def _artifact_file(params: dict[str, Any], version: int) -> Path:
     """The registered patch.safetensors of `version` inside the local artifact store."""
     from mlflow.tracking import MlflowClient
 
+    from deltapatch.registry.store import artifacts_beside, local_path_of, sqlite_path
     from deltapatch.registry.tracking import configure
 
     uri = configure(params)
     location = MlflowClient(uri, uri).get_model_version_download_uri(f"deltapatch-{TASK}", str(version))
-    path = Path(location.removeprefix("file://")) / "artifacts" / "patch" / "patch.safetensors"
+    folder = local_path_of(location, artifacts_beside(sqlite_path(uri)))  # proxied URI → file beside the DB
+    path = folder / "artifacts" / "patch" / "patch.safetensors"
     assert path.is_file(), path
     return path
 
