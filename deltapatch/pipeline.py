@@ -20,6 +20,7 @@ import base64
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +30,6 @@ from deltapatch.config import project_root, state_dir
 from deltapatch.errors import DatasetError, DeltapatchError, GateFailed
 
 log = logging.getLogger(__name__)
-
-# Fault injection for the resume-after-crash test and for drills: with this variable set to N, the
-# first training of a task raises after epoch N (once per task and data: a marker file remembers it).
-CRASH_ENV = "DELTAPATCH_FAULT_TRAIN_CRASH_AFTER_EPOCH"
-
-
-class TrainingCrash(RuntimeError):
-    """The injected training fault (see CRASH_ENV)."""
-
 
 # ------------------------------------------------------------------------------------------ ingest
 
@@ -131,15 +123,9 @@ def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[st
     ckpt = checkpoint_path(params, task, sha)
     out = Path(out_dir) if out_dir else patch_out_dir(params, task, sha)
     data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=task)
-    hooks = [h for h in (on_epoch, _crash_hook(params, task, sha)) if h is not None]
-
-    def on_epoch_all(record: Any) -> None:
-        for hook in hooks:
-            hook(record)
-
     started = time.perf_counter()
     result = train_patch(params, data, out_dir=out, checkpoint=ckpt, progress=progress,
-                         on_epoch=on_epoch_all, data_version=data_version, epochs=epochs)
+                         on_epoch=on_epoch, data_version=data_version, epochs=epochs)
     ckpt.unlink(missing_ok=True)  # done: a later run on the same data starts fresh
     return {
         "task": task,
@@ -167,22 +153,6 @@ def _device_name(params: dict[str, Any]) -> str:
     return str(resolve_device(section(params, "train", TrainSettings).device))
 
 
-def _crash_hook(params: dict[str, Any], task: str, sha: str) -> Any:
-    value = os.environ.get(CRASH_ENV, "").strip()
-    if not value:
-        return None
-    after = int(value)
-    marker = state_dir(params) / "faults" / f"train-crash-{task}-{sha[:16]}"
-
-    def hook(record: Any) -> None:
-        if record.epoch == after and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"crashed after epoch {after}\n")
-            raise TrainingCrash(f"injected training fault after epoch {after} ({CRASH_ENV})")
-
-    return hook
-
-
 def _patch_files(patch_dir: Path) -> dict[str, str]:
     return {p.name: base64.b64encode(p.read_bytes()).decode() for p in sorted(patch_dir.iterdir()) if p.is_file()}
 
@@ -202,8 +172,9 @@ def materialise_patch(params: dict[str, Any], trained: dict[str, Any]) -> Path:
 # -------------------------------------------------------------------------------------------- gate
 
 
-def champions(params: dict[str, Any], exclude: str | None = None) -> list[Any]:
-    """The promoted patch of every other task (from the registry), downloaded, as gate Champions."""
+def champions(params: dict[str, Any], exclude: str | None = None, *, dst: str | os.PathLike[str]) -> list[Any]:
+    """The promoted patch of every other task (from the registry), downloaded into `dst/<task>/` (the
+    caller owns `dst` and removes it), as gate Champions."""
     from deltapatch.gate import Champion
     from deltapatch.registry import registry
 
@@ -211,7 +182,7 @@ def champions(params: dict[str, Any], exclude: str | None = None) -> list[Any]:
     for task, info in sorted(registry.champions(params).items()):
         if task == exclude:
             continue
-        patch_dir = registry.download_patch(params, task, info["version"])
+        patch_dir = registry.download_patch(params, task, info["version"], dst=Path(dst) / task)
         acc = info.get("patch_acc")
         out.append(Champion(task=task, version=str(info["version"]), patch_dir=Path(patch_dir),
                             test_acc=float("nan") if acc is None else float(acc),
@@ -223,7 +194,9 @@ def gate_step(params: dict[str, Any], task: str, patch_dir: str | os.PathLike[st
     """Run the non-regression gate against the currently promoted patches; returns a GateResult."""
     from deltapatch.gate import run_gate
 
-    return run_gate(params, session, task, Path(patch_dir), champions(params, exclude=task))
+    # The champions' files are read into the network by run_gate; the downloads go when it returns.
+    with tempfile.TemporaryDirectory(prefix="deltapatch-champions-") as tmp:
+        return run_gate(params, session, task, Path(patch_dir), champions(params, exclude=task, dst=tmp))
 
 
 # ---------------------------------------------------------------------------------------- registry
@@ -397,7 +370,7 @@ def project_params(project: str | os.PathLike[str] | None = None) -> dict[str, A
 
 
 __all__ = [
-    "CRASH_ENV", "DeltapatchError", "PipelineOutcome", "TrainingCrash", "artifact_key", "base_step", "champions", "gate_hint",
+    "DeltapatchError", "PipelineOutcome", "artifact_key", "base_step", "champions", "gate_hint",
     "checkpoint_path", "finish", "gate_step", "ingest_step", "materialise_patch", "mlflow_link",
     "project_params", "project_root", "promote_step", "register_step", "release_step", "run_pipeline",
     "summary_markdown", "train_step", "version_step",

@@ -81,3 +81,23 @@ def test_gate_fails_when_base_route_differs(trained: dict[str, Any]) -> None:
     assert [c.name for c in result.failed] == ["base"]
     assert "NOT bit-identical" in result.message and "0.001" in result.message
     assert result.as_dict()["passed"] is False
+
+
+@pytest.mark.usefixtures("isolated_env")
+def test_gate_step_gates_against_registered_champions_and_removes_their_download(
+        trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    params = trained["params"]
+    ingested, glyphs = trained["glyphs"]
+    gate = pipeline.gate_step(params, "glyphs", glyphs["patch_dir"])  # no champion yet
+    registered = pipeline.register_step(params, glyphs, gate, ingested["data_version"])
+    pipeline.promote_step(params, "glyphs", registered["version"])
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where a downloaded champion would be left
+    result = pipeline.gate_step(params, "shapes", trained["shapes"][1]["patch_dir"])
+    assert [c.name for c in result.checks] == ["base", "interference:glyphs", "patch_accuracy"]
+    assert result.check("interference:glyphs").extra["version"] == registered["version"]
+    assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("deltapatch-")) == []
