@@ -7,6 +7,8 @@ base route, which is what makes the base path bit-identical to the unwrapped net
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,8 +26,14 @@ def _scatter(groups: list[tuple[str, torch.Tensor]], outputs: dict[str, torch.Te
     return out
 
 
-class TaskRoutedModule(nn.Module):
-    """Common part: the frozen original, one child per task, and the shared router."""
+class TaskRoutedModule(nn.Module, ABC):
+    """Common part: the frozen original, one child per task, and the shared router.
+
+    Every wrapper takes the same `add_task` keywords and uses what it needs; `role` names what its
+    per-task children are in a patch ("delta", "norm" or "head")."""
+
+    role: ClassVar[str]
+    router: Router
 
     def __init__(self, frozen: nn.Module, router: Router) -> None:
         super().__init__()
@@ -33,6 +41,10 @@ class TaskRoutedModule(nn.Module):
         self.per_task = nn.ModuleDict()
         # A plain attribute (not a submodule): the router is shared by all wrappers.
         object.__setattr__(self, "router", router)
+
+    @abstractmethod
+    def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
+        """Create `task`'s child beside the frozen original (zero-initialised: the base function)."""
 
     def remove_task(self, task: str) -> None:
         if task in self.per_task:
@@ -49,20 +61,22 @@ class DeltaWrapped(TaskRoutedModule):
     forward: x (N, C_in, H, W) or (N, F_in) → same shape as frozen(x).
     """
 
+    role = "delta"
     frozen: FrozenLayer
 
-    def add_task(self, task: str, config: DeltaConfig) -> None:
+    def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
         self.per_task[task] = layer_class(config.kind)(self.frozen, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router = self.router
+        groups = router.groups
         frozen_out = self.frozen(x)
-        if router.merged is not None or (not router.is_mixed and router.task == BASE):
+        if router.merged is not None or (groups is None and router.task == BASE):
             return frozen_out  # base route (or Δ already folded into frozen's weights)
-        if not router.is_mixed:
+        if groups is None:
             return self.per_task[router.task](x, frozen_out, self.frozen)
         out = frozen_out.clone()
-        for task, index in router.groups:  # type: ignore[union-attr]
+        for task, index in groups:
             if task != BASE:
                 out[index] = self.per_task[task](x[index], frozen_out[index], self.frozen).to(out.dtype)
         return out
@@ -74,7 +88,9 @@ class TaskBatchNorm(TaskRoutedModule):
     forward: x (N, C, ...) → (N, C, ...).
     """
 
-    def add_task(self, task: str) -> None:
+    role = "norm"
+
+    def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
         own = copy.deepcopy(self.frozen)
         for param in own.parameters():
             param.requires_grad_(True)
@@ -82,9 +98,9 @@ class TaskBatchNorm(TaskRoutedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router = self.router
-        if not router.is_mixed:
+        groups = router.groups
+        if groups is None:
             return self._module(router.task)(x)
-        groups = router.groups  # type: ignore[assignment]
         outputs = {task: self._module(task)(x[index]) for task, index in groups}
         return _scatter(groups, outputs, x)
 
@@ -96,16 +112,17 @@ class TaskHeads(TaskRoutedModule):
     the batch's tasks and each row is padded with -inf beyond its own task's K_t.
     """
 
+    role = "head"
     frozen: nn.Linear
 
-    def add_task(self, task: str, num_classes: int) -> None:
+    def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
         self.per_task[task] = nn.Linear(self.frozen.in_features, num_classes).to(self.frozen.weight.device)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         router = self.router
-        if not router.is_mixed:
+        groups = router.groups
+        if groups is None:
             return self._module(router.task)(features)
-        groups = router.groups  # type: ignore[assignment]
         outputs = {task: self._module(task)(features[index]) for task, index in groups}
         width = max(o.shape[1] for o in outputs.values())
         logits = features.new_full((features.shape[0], width), float("-inf"))

@@ -91,12 +91,7 @@ class DeltaNetwork(nn.Module):
             raise DeltapatchError(f"task '{task}' is already loaded; remove_task('{task}') first")
         device = next(self.model.parameters()).device
         for _, wrapper in self._wrappers():
-            if isinstance(wrapper, TaskHeads):
-                wrapper.add_task(task, num_classes)
-            elif isinstance(wrapper, TaskBatchNorm):
-                wrapper.add_task(task)
-            else:
-                wrapper.add_task(task, config)  # type: ignore[union-attr]
+            wrapper.add_task(task, num_classes=num_classes, config=config)
             wrapper.per_task[task].to(device)
         self.task_configs[task] = config
         self.router.known_tasks.add(task)
@@ -184,8 +179,7 @@ class DeltaNetwork(nn.Module):
         groups: dict[str, list[nn.Parameter]] = {"delta": [], "norm": [], "head": []}
         for _, wrapper in self._wrappers():
             if task in wrapper.per_task:
-                role = "head" if isinstance(wrapper, TaskHeads) else "norm" if isinstance(wrapper, TaskBatchNorm) else "delta"
-                groups[role].extend(wrapper.per_task[task].parameters())
+                groups[wrapper.role].extend(wrapper.per_task[task].parameters())
         return groups
 
     def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ function into plain weights for serving one task with zero overhead.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,13 +30,19 @@ class DeltaConfig:
         return dataclasses.asdict(self)
 
 
-class DeltaLayer(nn.Module):
-    """Trainable Δ for one frozen layer; zero-initialised so a fresh patch equals the base."""
+class DeltaLayer(nn.Module, ABC):
+    """Trainable Δ for one frozen layer; zero-initialised so a fresh patch equals the base.
+
+    A kind subclasses this with its own `config_class` (the DeltaConfig subclass it is built from).
+    """
+
+    config_class: ClassVar[type[DeltaConfig]]
 
     def __init__(self, frozen: FrozenLayer, config: DeltaConfig) -> None:
         super().__init__()
         self.config = config
 
+    @abstractmethod
     def forward(self, x: torch.Tensor, frozen_out: torch.Tensor, frozen: FrozenLayer) -> torch.Tensor:
         """Patched output.
 
@@ -44,12 +51,11 @@ class DeltaLayer(nn.Module):
             frozen_out: frozen(x), (N, C_out, H', W') or (N, F_out).
             frozen: the frozen layer itself (read-only).
         """
-        raise NotImplementedError
 
-    @torch.no_grad()
+    @abstractmethod
     def merged_weight(self, frozen: FrozenLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) of a plain layer computing the same function as forward()."""
-        raise NotImplementedError
+        """(weight, bias) of a plain layer computing the same function as forward() (run under
+        torch.no_grad())."""
 
 
 def channel_view(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
