@@ -37,6 +37,10 @@ class DatasetError(DeltapatchError):
     """An input dataset was rejected (the input is quarantined, never deleted)."""
 
 
+class TaskNameError(DatasetError):
+    """A task name breaks the naming rule (deltapatch.task_names.validate_task_name)."""
+
+
 class RegistryError(DeltapatchError):
     """The patch registry (MLflow) refused or could not complete an operation.
 

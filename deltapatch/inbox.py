@@ -36,6 +36,7 @@ from filelock import FileLock
 from deltapatch.config import resolve_path, state_dir
 from deltapatch.errors import DatasetError, DeltapatchError
 from deltapatch.prefect_api import api_url_for
+from deltapatch.task_names import validate_task_name
 
 ARRIVED_EVENT = "deltapatch.task.arrived"
 TASK_RESOURCE_PREFIX = "deltapatch.task."  # + task name: the event's resource id
@@ -142,8 +143,6 @@ def submit(params: dict[str, Any], path: str | os.PathLike[str], task: str | Non
     if not src.exists():
         raise DatasetError(f"{src}: no such file or folder; pass a folder of class sub-folders or an archive of one")
     if task is not None:
-        from deltapatch.data.ingest import validate_task_name
-
         validate_task_name(task)
     inbox = inbox_dir(params)
     name = src.name

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,19 +19,7 @@ from deltapatch.delta.layers import DeltaWrapped, TaskBatchNorm, TaskHeads, Task
 from deltapatch.delta.routing import BASE, Router
 from deltapatch.errors import DeltapatchError
 from deltapatch.fingerprint import fingerprint
-
-TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-
-
-def validate_task_name(name: str) -> str:
-    """Task names: lower-case letters, digits and '-'; 'base' is the reserved base route."""
-    if name == BASE:
-        raise DeltapatchError("task name 'base' is reserved for the base task; pick another name (--task)")
-    if not TASK_NAME.match(name):
-        raise DeltapatchError(
-            f"invalid task name '{name}': use lower-case letters, digits and '-' (e.g. 'street-signs')"
-        )
-    return name
+from deltapatch.task_names import validate_task_name
 
 
 def final_linear_name(model: nn.Module) -> str:

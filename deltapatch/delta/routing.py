@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-BASE = "base"
+from deltapatch.task_names import BASE_TASK
+
+BASE = BASE_TASK  # the route to the untouched base model (a reserved task name)
 
 
 @dataclass

@@ -14,7 +14,7 @@ follows the seams of that specification:
 Everything other modules import is re-exported here (``from deltapatch.data.ingest import ingest``).
 """
 
-from deltapatch.data.ingest.api import ingest, normalise_elsewhere, quarantine, validate_task_name
+from deltapatch.data.ingest.api import ingest, normalise_elsewhere, quarantine
 from deltapatch.data.ingest.layout import file_sha256, read_manifest
 from deltapatch.data.ingest.model import (
     MANIFEST,
@@ -28,6 +28,7 @@ from deltapatch.data.ingest.model import (
     RejectedInput,
     Status,
 )
+from deltapatch.task_names import validate_task_name
 
 __all__ = [
     "MANIFEST",

@@ -29,8 +29,6 @@ from deltapatch.data.ingest.layout import (
 from deltapatch.data.ingest.model import (
     ARCHIVE_SUFFIXES,
     MANIFEST,
-    RESERVED_TASK_NAMES,
-    TASK_NAME_RE,
     BadFile,
     IngestResult,
     PreparedTask,
@@ -51,28 +49,9 @@ from deltapatch.data.versioning import (
     tasks_dir,
 )
 from deltapatch.errors import DatasetError
+from deltapatch.task_names import validate_task_name
 
 # -------------------------------------------------------------------------------------- public API
-
-
-def validate_task_name(name: str) -> str:
-    """Return `name` if it is a valid task name, else raise DatasetError saying why and what to use.
-
-    Valid: 1–64 characters of lower-case letters, digits and ``-``, starting and ending with a
-    letter or digit; ``base`` is reserved for the base task.
-    """
-    if name in RESERVED_TASK_NAMES:
-        raise DatasetError(
-            f"task name {name!r} is reserved for the base model's task; pass another name with --task"
-        )
-    if not TASK_NAME_RE.match(name):
-        suggestion = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:58] or "my-task"
-        suggestion = f"{suggestion}-task" if suggestion in RESERVED_TASK_NAMES else suggestion
-        raise DatasetError(
-            f"invalid task name {name!r}: use 1-64 lower-case letters, digits and '-', starting and "
-            f"ending with a letter or digit; pass e.g. --task {suggestion}"
-        )
-    return name
 
 
 def ingest(path: str | os.PathLike[str], params: dict[str, Any], task: str | None = None) -> IngestResult:

@@ -5,13 +5,13 @@ The rules and the layout are specified in docs/ingestion.md.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from deltapatch.data.versioning import DataVersion
 from deltapatch.errors import DatasetError
+from deltapatch.task_names import RESERVED_TASK_NAMES, TASK_NAME_RE  # noqa: F401  (re-exported)
 
 Status = Literal["new", "new-version", "unchanged"]
 
@@ -19,8 +19,6 @@ MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ["path", "class", "split", "sha256"]
 TASK_YAML = "task.yaml"
 TASK_YAML_KEYS = {"name", "description", "image_size"}
-RESERVED_TASK_NAMES = {"base"}
-TASK_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 MAX_LISTED = 10  # problems listed in one error message; reason.txt holds them all
