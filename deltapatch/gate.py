@@ -134,7 +134,7 @@ def run_gate(params: dict[str, Any], session_or_net: Any, new_task: str, patch_d
     if isinstance(session_or_net, PatchSession):
         session = session_or_net
     elif isinstance(session_or_net, DeltaNetwork):
-        session = _session_for_net(params, session_or_net)
+        session = open_session(params, net=session_or_net)  # the pristine reference from a fresh base
     else:
         raise TypeError(f"run_gate needs a PatchSession or DeltaNetwork, got {type(session_or_net).__name__}")
     net, norm = session.net, session.norm
@@ -240,19 +240,3 @@ def _champion_test_data(params: dict[str, Any], champ: Champion) -> tuple[Any, b
     marker = version.rsplit(":", 1)[-1] if version else ""
     same = bool(marker) and sha.startswith(marker)
     return _task_data(params, champ.task), same
-
-
-def _session_for_net(params: dict[str, Any], net: Any) -> Any:
-    """A PatchSession around an existing net: the pristine reference comes from a fresh base."""
-    from deltapatch.data.sources import base_eval_data
-    from deltapatch.evaluate import pristine_logits
-    from deltapatch.models.base import load_base
-    from deltapatch.patching import PatchSession
-    from deltapatch.train import Normalizer
-
-    device = next(net.parameters()).device
-    base = load_base(params, device)
-    norm = Normalizer(base.settings.mean, base.settings.std, device)
-    base_data = base_eval_data(params)
-    reference = pristine_logits(base.model, base_data.test, norm)
-    return PatchSession(base, net, norm, base_data, reference, device)

@@ -69,16 +69,22 @@ class PatchSession:
     device: torch.device
 
 
-def open_session(params: dict[str, Any], device: torch.device | None = None) -> PatchSession:
-    """Load the base, record its pristine test logits, then wrap it for patching."""
+def open_session(params: dict[str, Any], device: torch.device | None = None, *,
+                 net: DeltaNetwork | None = None) -> PatchSession:
+    """Load the base, record its pristine test logits, then wrap it for patching.
+
+    `net`: an existing DeltaNetwork to use instead of wrapping the loaded base (the gate checks a
+    network it is given against a freshly loaded pristine base); `device` then defaults to its device.
+    """
     train_settings = section(params, "train", TrainSettings)
     apply_threads(train_settings)
-    device = device or resolve_device(train_settings.device)
+    if device is None:
+        device = next(net.parameters()).device if net is not None else resolve_device(train_settings.device)
     base = load_base(params, device)
     norm = Normalizer(base.settings.mean, base.settings.std, device)
     base_data = base_eval_data(params)
     reference = pristine_logits(base.model, base_data.test, norm)
-    return PatchSession(base, DeltaNetwork(base.model), norm, base_data, reference, device)
+    return PatchSession(base, DeltaNetwork(base.model) if net is None else net, norm, base_data, reference, device)
 
 
 def patch_trainable(net: DeltaNetwork, task: str) -> Trainable:

@@ -22,12 +22,16 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltapatch.config import project_root, state_dir
 from deltapatch.errors import DatasetError, DeltapatchError, GateFailed
+
+if TYPE_CHECKING:
+    from deltapatch.gate import GateResult
 
 log = logging.getLogger(__name__)
 
@@ -345,20 +349,51 @@ def gate_hint(task: str, version: Any) -> str:
             f"retrain with more data or epochs, or adjust the `gate:` settings in params.yaml")
 
 
+@dataclass(frozen=True)
+class FinishSteps:
+    """How :func:`finish` runs its steps: in this process (:func:`local_steps`), or as the Prefect
+    tasks of flows/patch_task.py (each with its own retries and its own row in the UI).
+
+    gate(task, trained) → GateResult; register(trained, gate, data_version) → register_step's dict;
+    promote(task, version).
+    """
+
+    gate: Callable[[str, dict[str, Any]], GateResult]
+    register: Callable[[dict[str, Any], GateResult, str], dict[str, Any]]
+    promote: Callable[[str, str], Any]
+
+
+def local_steps(params: dict[str, Any]) -> FinishSteps:
+    """The steps after training as plain calls in this process."""
+    return FinishSteps(
+        gate=lambda task, trained: gate_step(params, task, materialise_patch(params, trained)),
+        register=lambda trained, gate, data_version: register_step(params, trained, gate, data_version),
+        promote=lambda task, version: promote_step(params, task, version),
+    )
+
+
 def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, Any], started: float,
-           gate: Any = None) -> PipelineOutcome:
-    """gate → register → promote (or register as failed and raise GateFailed)."""
+           gate: GateResult | None = None, *, steps: FinishSteps | None = None, preface: str = "",
+           report: Callable[[PipelineOutcome], None] | None = None) -> PipelineOutcome:
+    """gate → register → promote (or register as failed and raise GateFailed).
+
+    `steps`: how each step runs (default :func:`local_steps`); `preface`: put before the gate's
+    message in the outcome's; `report(outcome)` runs once the outcome is known, before a GateFailed.
+    """
     task = ingested["task"]
-    patch_dir = materialise_patch(params, trained)
-    gate = gate if gate is not None else gate_step(params, task, patch_dir)
-    registered = register_step(params, trained, gate, ingested["data_version"])
+    steps = steps or local_steps(params)
+    gate = gate if gate is not None else steps.gate(task, trained)
+    registered = steps.register(trained, gate, ingested["data_version"])
     outcome = PipelineOutcome(task, "promoted" if gate.passed else "gate-failed", ingested["data_version"],
                               registered["version"], trained["metrics"], gate.as_dict(), registered["mlflow_url"],
-                              time.perf_counter() - started, gate.message)
+                              time.perf_counter() - started, preface + gate.message)
+    if gate.passed:
+        steps.promote(task, registered["version"])
+    if report is not None:
+        report(outcome)
     if not gate.passed:
         raise GateFailed(f"{gate.message}; version {registered['version']} registered as failed, not promoted",
                          hint=gate_hint(task, registered["version"]))
-    promote_step(params, task, registered["version"])
     return outcome
 
 
@@ -370,8 +405,8 @@ def project_params(project: str | os.PathLike[str] | None = None) -> dict[str, A
 
 
 __all__ = [
-    "DeltapatchError", "PipelineOutcome", "artifact_key", "base_step", "champions", "gate_hint",
-    "checkpoint_path", "finish", "gate_step", "ingest_step", "materialise_patch", "mlflow_link",
+    "DeltapatchError", "FinishSteps", "PipelineOutcome", "artifact_key", "base_step", "champions", "gate_hint",
+    "checkpoint_path", "finish", "gate_step", "ingest_step", "local_steps", "materialise_patch", "mlflow_link",
     "project_params", "project_root", "promote_step", "register_step", "release_step", "run_pipeline",
     "summary_markdown", "train_step", "version_step",
 ]

@@ -16,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from deltapatch import pipeline
-from deltapatch.errors import DatasetError, DeltapatchError, GateFailed, retryable
+from deltapatch.errors import DatasetError, DeltapatchError, retryable
+from deltapatch.gate import GateResult
 from deltapatch.telemetry import disable_telemetry
 
 disable_telemetry()
@@ -118,8 +119,6 @@ def gate_task(project: str | None, task_name: str, trained: dict[str, Any]) -> d
 
 @task(name="register-in-mlflow", **NETWORK_RETRIES)
 def register_task(project: str | None, trained: dict[str, Any], gate: dict[str, Any], data_version: str) -> dict[str, Any]:
-    from deltapatch.gate import GateResult
-
     return pipeline.register_step(pipeline.project_params(project), trained, GateResult.from_dict(gate), data_version)
 
 
@@ -201,22 +200,23 @@ def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | N
         trained = train_patch_flow(task_name=name, task_dir=ingested["task_dir"], data_version=ingested["data_version"],
                                    manifest_sha256=ingested["manifest_sha256"], epochs=epochs, project=project)
     logger.info("trained on %s: patch accuracy %.3f", trained.get("device"), trained["metrics"]["patch_acc"])
-    gate = gate_task(project, name, trained)
-    registered = register_task(project, trained, gate, ingested["data_version"])
-    note = gate["message"]
+    preface = ""
     if ingested["status"] == "unchanged":
-        note = (f"The dataset is an exact duplicate of this task's data version {ingested['data_version']}: "
-                f"nothing new was versioned, the patch was retrained on it.\n\n{note}")
-    outcome = pipeline.PipelineOutcome(name, "promoted" if gate["passed"] else "gate-failed", ingested["data_version"],
-                                       registered["version"], trained["metrics"], gate, registered["mlflow_url"],
-                                       time.perf_counter() - started, note)
-    if gate["passed"]:
-        promote_task(project, name, registered["version"])
-    create_markdown_artifact(key=pipeline.artifact_key(name), markdown=pipeline.summary_markdown(outcome),
-                             description=f"Δ-patch {name}: {outcome.status}")
-    if not gate["passed"]:
-        raise GateFailed(f"{gate['message']}; version {registered['version']} registered as failed, not promoted",
-                         hint=pipeline.gate_hint(name, registered["version"]))
+        preface = (f"The dataset is an exact duplicate of this task's data version {ingested['data_version']}: "
+                   "nothing new was versioned, the patch was retrained on it.\n\n")
+    # The gate → register → promote sequence is pipeline.finish; each step runs as this flow's task.
+    steps = pipeline.FinishSteps(
+        gate=lambda task_name, patch: GateResult.from_dict(gate_task(project, task_name, patch)),
+        register=lambda patch, gate, data_version: register_task(project, patch, gate.as_dict(), data_version),
+        promote=lambda task_name, version: promote_task(project, task_name, version),
+    )
+
+    def report(outcome: pipeline.PipelineOutcome) -> None:
+        create_markdown_artifact(key=pipeline.artifact_key(name), markdown=pipeline.summary_markdown(outcome),
+                                 description=f"Δ-patch {name}: {outcome.status}")
+
+    outcome = pipeline.finish(pipeline.project_params(project), ingested, trained, started, steps=steps,
+                              preface=preface, report=report)
     result = outcome.as_dict()
     result["device"] = trained.get("device")
     result["resumed_from_epoch"] = trained.get("resumed_from_epoch", 0)

@@ -101,3 +101,17 @@ def test_gate_step_gates_against_registered_champions_and_removes_their_download
     assert [c.name for c in result.checks] == ["base", "interference:glyphs", "patch_accuracy"]
     assert result.check("interference:glyphs").extra["version"] == registered["version"]
     assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("deltapatch-")) == []
+
+
+def test_gate_accepts_a_bare_network_and_measures_it_against_a_fresh_base(trained: dict[str, Any]) -> None:
+    from deltapatch.delta import DeltaNetwork
+    from deltapatch.models.base import load_base
+
+    params = trained["params"]
+    net = DeltaNetwork(load_base(params).model)
+    result = run_gate(params, net, "shapes", Path(trained["shapes"][1]["patch_dir"]), [_champion(trained)])
+    assert result.passed, result.message
+    assert result.base_bit_identical
+    assert net.tasks == ["glyphs", "shapes"]  # the network given is the one checked, left with both patches
+    with pytest.raises(TypeError, match="PatchSession or DeltaNetwork"):
+        run_gate(params, object(), "shapes", Path(trained["shapes"][1]["patch_dir"]), [])

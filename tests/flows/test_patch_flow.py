@@ -70,6 +70,12 @@ def test_flow_registers_and_promotes_then_failed_gate_keeps_champion(base_projec
     assert registry.champions(params)["shapes"]["version"] == 1  # the serving version is untouched
     assert "gate failed" in _artifact("shapes", state)
 
+    # The same data again: nothing new to version, retrained; the report says so before the gate's words.
+    state = _run(params, write_task(tmp_path / "src3", "shapes", seed=1), "shapes")
+    assert state.is_failed() and "version 3 registered as failed" in state.message
+    report = _artifact("shapes", state)
+    assert "exact duplicate of this task's data version" in report and "gate failed for 'shapes'" in report
+
 
 def test_bad_dataset_fails_run_quarantines_and_registers_nothing(base_project, tmp_path: Path) -> None:
     params = new_project(base_project, tmp_path / "project")
@@ -122,3 +128,22 @@ def test_training_crash_is_retried_and_resumes_from_checkpoint(base_project, tmp
 
     manifest = Path(params["_root"]) / "data" / "tasks" / "glyphs" / "manifest.csv"
     assert not checkpoint_path(params, "glyphs", file_sha256(manifest)).exists()  # cleaned after success
+
+
+def test_pipeline_without_prefect_promotes_then_registers_a_failed_gate(base_project, tmp_path: Path) -> None:
+    """run_pipeline chains the same finish (gate → register → promote) as the flow, in this process."""
+    from deltapatch.errors import GateFailed
+    from deltapatch.registry import registry
+
+    params = new_project(base_project, tmp_path / "project")
+    outcome = pipeline.run_pipeline(params, write_task(tmp_path / "src", "shapes"), "shapes", progress=False)
+    assert (outcome.status, outcome.version) == ("promoted", "1")
+    assert outcome.message.startswith("gate passed for 'shapes'")
+    assert registry.champions(params)["shapes"]["version"] == 1
+
+    failing = dict(params, gate={"min_patch_accuracy": 1.0, "interference_tolerance": 0.0})
+    with pytest.raises(GateFailed, match="short by .* version 2 registered as failed, not promoted"):
+        pipeline.run_pipeline(failing, write_task(tmp_path / "src2", "shapes", seed=1), "shapes", progress=False)
+    versions = {v["version"]: v for v in _versions(params, "shapes")}
+    assert versions[2]["gate"] == "failed" and not versions[2]["aliases"]
+    assert registry.champions(params)["shapes"]["version"] == 1
