@@ -24,9 +24,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltapatch.config import ConfigError, section
+from deltapatch.data.dataset import TaskData, load_task_dir
+from deltapatch.data.ingest import file_sha256
+from deltapatch.data.versioning import tasks_dir
+from deltapatch.delta import DeltaNetwork
+from deltapatch.delta.patch import load_patch, read_patch_meta
+from deltapatch.evaluate import base_check, task_accuracy
+from deltapatch.patching import PatchSession, open_session
+
+if TYPE_CHECKING:
+    from deltapatch.train import Normalizer
 
 ACC_EPSILON = 1e-6  # float noise when comparing accuracies (a count ratio recomputed on the same data)
 
@@ -112,9 +122,9 @@ class GateResult:
         return cls(data["task"], [GateCheck(**c) for c in data["checks"]])
 
 
-def run_gate(params: dict[str, Any], session_or_net: Any, new_task: str, patch_dir: Path,
-             registered_champions: list[Champion] | dict[str, Champion] | None = None, *,
-             test_data: Any = None) -> GateResult:
+def run_gate(params: dict[str, Any], session_or_net: PatchSession | DeltaNetwork | None, new_task: str,
+             patch_dir: Path, registered_champions: list[Champion] | dict[str, Champion] | None = None, *,
+             test_data: TaskData | None = None) -> GateResult:
     """Load the saved patch at `patch_dir` (as `new_task`) beside the champions and run the checks.
 
     `session_or_net`: a :class:`~deltapatch.patching.PatchSession` (reuses its pristine reference
@@ -123,11 +133,6 @@ def run_gate(params: dict[str, Any], session_or_net: Any, new_task: str, patch_d
     (default: read from ``data/tasks/<new_task>``). The network is left with the new patch and the
     champions loaded.
     """
-    from deltapatch.delta import DeltaNetwork
-    from deltapatch.delta.patch import load_patch
-    from deltapatch.evaluate import base_check, task_accuracy
-    from deltapatch.patching import PatchSession, open_session
-
     settings = gate_settings(params)
     if session_or_net is None:
         session_or_net = open_session(params)
@@ -142,7 +147,7 @@ def run_gate(params: dict[str, Any], session_or_net: Any, new_task: str, patch_d
     champions = [c for c in champions if c.task != new_task]  # the task's own champion is being replaced
 
     # Champions first, alone: their accuracy before the new patch is the fallback reference.
-    before: dict[str, tuple[float, Any]] = {}
+    before: dict[str, tuple[float, tuple[TaskData, bool]]] = {}
     for champ in champions:
         if champ.task in net.tasks:
             net.remove_task(champ.task)
@@ -155,9 +160,9 @@ def run_gate(params: dict[str, Any], session_or_net: Any, new_task: str, patch_d
         net.remove_task(new_task)  # test the saved artifact, not the in-memory training copy
     load_patch(net, Path(patch_dir), task=new_task)
 
-    checks = [_base(net, session, base_check)]
+    checks = [_base(net, session)]
     for champ in champions:
-        checks.append(_interference(net, norm, champ, before.get(champ.task), settings, task_accuracy))
+        checks.append(_interference(net, norm, champ, before.get(champ.task), settings))
     if test_data is None:
         test_data = _task_data(params, new_task)
     acc = task_accuracy(net, new_task, test_data.test, norm)
@@ -169,7 +174,7 @@ def run_gate(params: dict[str, Any], session_or_net: Any, new_task: str, patch_d
     return GateResult(new_task, checks)
 
 
-def _base(net: Any, session: Any, base_check: Any) -> GateCheck:
+def _base(net: DeltaNetwork, session: PatchSession) -> GateCheck:
     check = base_check(net, session.reference_logits, session.base_data.test, session.norm)
     ok = check.bit_identical and check.acc_change == 0
     if ok:
@@ -183,8 +188,8 @@ def _base(net: Any, session: Any, base_check: Any) -> GateCheck:
                       "pristine_acc": check.pristine_acc, "acc_change": check.acc_change})
 
 
-def _interference(net: Any, norm: Any, champ: Champion, before: tuple[float, Any] | None,
-                  settings: GateSettings, task_accuracy: Any) -> GateCheck:
+def _interference(net: DeltaNetwork, norm: Normalizer, champ: Champion,
+                  before: tuple[float, tuple[TaskData, bool]] | None, settings: GateSettings) -> GateCheck:
     name = f"interference:{champ.task}"
     tol = float(settings.interference_tolerance)
     if before is None:
@@ -208,8 +213,6 @@ def _interference(net: Any, norm: Any, champ: Champion, before: tuple[float, Any
 def _registered_accuracy(champ: Champion) -> float:
     """The champion's test accuracy at full precision from its patch.json (registry tags round it),
     else the registry's number."""
-    from deltapatch.delta.patch import read_patch_meta
-
     try:
         value = read_patch_meta(Path(champ.patch_dir)).metrics.get("patch_acc")
         if value is not None and not math.isnan(float(value)):
@@ -219,18 +222,12 @@ def _registered_accuracy(champ: Champion) -> float:
     return float(champ.test_acc)
 
 
-def _task_data(params: dict[str, Any], task: str) -> Any:
-    from deltapatch.data.dataset import load_task_dir
-    from deltapatch.data.versioning import tasks_dir
-
+def _task_data(params: dict[str, Any], task: str) -> TaskData:
     return load_task_dir(tasks_dir(params) / task, int(params["base"]["input_size"]), name=task)
 
 
-def _champion_test_data(params: dict[str, Any], champ: Champion) -> tuple[Any, bool]:
+def _champion_test_data(params: dict[str, Any], champ: Champion) -> tuple[TaskData | None, bool]:
     """(TaskData or None, whether it is the data the champion was registered on)."""
-    from deltapatch.data.ingest import file_sha256
-    from deltapatch.data.versioning import tasks_dir
-
     folder = tasks_dir(params) / champ.task
     if not (folder / "manifest.csv").is_file():
         return None, False

@@ -20,38 +20,43 @@ import base64
 import dataclasses
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from deltapatch.config import project_root, state_dir
+from deltapatch.config import load_params, project_root, section, state_dir
+from deltapatch.data.dataset import load_task_dir
+from deltapatch.data.ingest import file_sha256, ingest, quarantine
+from deltapatch.data.versioning import VersioningError, pull_data, push_data, tasks_dir
+from deltapatch.delta.patch import read_patch_meta
 from deltapatch.errors import DatasetError, DeltapatchError, GateFailed
-
-if TYPE_CHECKING:
-    from deltapatch.gate import GateResult
+from deltapatch.evaluate import BaseCheck
+from deltapatch.gate import Champion, GateResult, run_gate
+from deltapatch.inbox import in_inbox, release
+from deltapatch.models.pretrain import ensure_base
+from deltapatch.patching import PatchResult, PatchSession, train_patch
+from deltapatch.registry import registry
+from deltapatch.registry.tracking import registry_settings, ui_url
+from deltapatch.train import EpochRecord, FitResult, TrainSettings, resolve_device
 
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ ingest
 
 
-def base_step(params: dict[str, Any], progress: bool = False, say: Any = None) -> str:
+def base_step(params: dict[str, Any], progress: bool = False, say: Callable[[str], None] | None = None) -> str:
     """The base model exists before any data is touched (pre-trained now for the embedded default;
     ConfigError naming the file for a user's base). Returns the weights path."""
-    from deltapatch.models.pretrain import ensure_base
-
     return str(ensure_base(params, progress=progress, say=say or log.info))
 
 
 def ingest_step(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None) -> dict[str, Any]:
     """Validate, normalise and version the dataset at `path` (ingest quarantines a rejected input;
     an arrival identical to another task is refused and quarantined here)."""
-    from deltapatch.data.ingest import ingest, quarantine
-    from deltapatch.inbox import in_inbox
-
     result = ingest(path, params, task=task)
     if result.status == "unchanged" and result.duplicate_of and result.duplicate_of != result.task:
         message = (f"exact duplicate: the dataset for '{result.task}' is identical to the already ingested task "
@@ -82,8 +87,6 @@ def version_step(params: dict[str, Any], ingested: dict[str, Any]) -> dict[str, 
     Ingest already commits the version and tries one push; this step repeats the push (a no-op when
     the remote has it) so a flaky remote is retried with back-off instead of silently skipped.
     """
-    from deltapatch.data.versioning import VersioningError, push_data
-
     problem = push_data(params)
     if problem and problem.startswith("no default DVC remote"):
         return {"pushed": False, "note": problem, "data_version": ingested["data_version"]}
@@ -108,18 +111,14 @@ def patch_out_dir(params: dict[str, Any], task: str, manifest_sha256: str) -> Pa
 
 def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[str], data_version: str = "", *,
                manifest_sha256: str | None = None, epochs: int | None = None, progress: bool = False,
-               out_dir: str | os.PathLike[str] | None = None, on_epoch: Any = None) -> dict[str, Any]:
+               out_dir: str | os.PathLike[str] | None = None,
+               on_epoch: Callable[[EpochRecord], None] | None = None) -> dict[str, Any]:
     """Train the task's Δ-patch; checkpoints every epoch and resumes from it when run again.
 
     Returns a JSON-able dict with the metrics and the patch files themselves (base64; a patch is a few
     hundred kB at most), so a worker on another machine can hand the patch back through Prefect's
     result storage; :func:`materialise_patch` writes them out again.
     """
-    from deltapatch.data.dataset import load_task_dir
-    from deltapatch.data.ingest import file_sha256
-    from deltapatch.data.versioning import pull_data
-    from deltapatch.patching import train_patch
-
     task_dir = Path(task_dir)
     if not (task_dir / "manifest.csv").is_file():  # a worker on another machine: fetch the data
         pull_data(params)
@@ -151,9 +150,6 @@ def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[st
 
 def _device_name(params: dict[str, Any]) -> str:
     """The device training used (train.device: auto → cuda when present, with AMP per train.amp)."""
-    from deltapatch.config import section
-    from deltapatch.train import TrainSettings, resolve_device
-
     return str(resolve_device(section(params, "train", TrainSettings).device))
 
 
@@ -176,12 +172,9 @@ def materialise_patch(params: dict[str, Any], trained: dict[str, Any]) -> Path:
 # -------------------------------------------------------------------------------------------- gate
 
 
-def champions(params: dict[str, Any], exclude: str | None = None, *, dst: str | os.PathLike[str]) -> list[Any]:
+def champions(params: dict[str, Any], exclude: str | None = None, *, dst: str | os.PathLike[str]) -> list[Champion]:
     """The promoted patch of every other task (from the registry), downloaded into `dst/<task>/` (the
     caller owns `dst` and removes it), as gate Champions."""
-    from deltapatch.gate import Champion
-    from deltapatch.registry import registry
-
     out = []
     for task, info in sorted(registry.champions(params).items()):
         if task == exclude:
@@ -194,10 +187,9 @@ def champions(params: dict[str, Any], exclude: str | None = None, *, dst: str | 
     return out
 
 
-def gate_step(params: dict[str, Any], task: str, patch_dir: str | os.PathLike[str], session: Any = None) -> Any:
+def gate_step(params: dict[str, Any], task: str, patch_dir: str | os.PathLike[str],
+              session: PatchSession | None = None) -> GateResult:
     """Run the non-regression gate against the currently promoted patches; returns a GateResult."""
-    from deltapatch.gate import run_gate
-
     # The champions' files are read into the network by run_gate; the downloads go when it returns.
     with tempfile.TemporaryDirectory(prefix="deltapatch-champions-") as tmp:
         return run_gate(params, session, task, Path(patch_dir), champions(params, exclude=task, dst=tmp))
@@ -206,15 +198,12 @@ def gate_step(params: dict[str, Any], task: str, patch_dir: str | os.PathLike[st
 # ---------------------------------------------------------------------------------------- registry
 
 
-def register_step(params: dict[str, Any], trained: dict[str, Any], gate: Any, data_version: str) -> dict[str, Any]:
+def register_step(params: dict[str, Any], trained: dict[str, Any], gate: GateResult | dict[str, Any],
+                  data_version: str) -> dict[str, Any]:
     """Log the MLflow run and register the version (tagged gate=failed when the gate failed)."""
-    from deltapatch.data.dataset import load_task_dir
-    from deltapatch.data.versioning import tasks_dir
-    from deltapatch.registry import registry
-
     patch_dir = materialise_patch(params, trained)
     result = _patch_result(trained, patch_dir)
-    gate_dict = gate.as_dict() if hasattr(gate, "as_dict") else dict(gate)
+    gate_dict = gate.as_dict() if isinstance(gate, GateResult) else dict(gate)
     task_dir = tasks_dir(params) / trained["task"]
     data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=trained["task"]) \
         if (task_dir / "manifest.csv").is_file() else None
@@ -224,13 +213,8 @@ def register_step(params: dict[str, Any], trained: dict[str, Any], gate: Any, da
             "gate_passed": bool(gate_dict["passed"]), "mlflow_url": mlflow_link(params, trained["task"], version)}
 
 
-def _patch_result(trained: dict[str, Any], patch_dir: Path) -> Any:
+def _patch_result(trained: dict[str, Any], patch_dir: Path) -> PatchResult:
     """A PatchResult rebuilt from the train step's dict (what the registry logs)."""
-    from deltapatch.delta.patch import read_patch_meta
-    from deltapatch.evaluate import BaseCheck
-    from deltapatch.patching import PatchResult
-    from deltapatch.train import EpochRecord, FitResult
-
     meta = read_patch_meta(patch_dir)
     bc = trained["base_check"]
     check = BaseCheck(bool(bc["bit_identical"]), float(bc["max_abs_diff"]), float(bc["base_acc"]), float(bc["pristine_acc"]))
@@ -239,15 +223,11 @@ def _patch_result(trained: dict[str, Any], patch_dir: Path) -> Any:
 
 
 def promote_step(params: dict[str, Any], task: str, version: str, reason: str = "") -> dict[str, Any]:
-    from deltapatch.registry import registry
-
     return registry.promote(params, task, version, reason or "passed the non-regression gate")
 
 
-def mlflow_link(params: dict[str, Any], task: str, version: Any) -> str:
+def mlflow_link(params: dict[str, Any], task: str, version: int | str) -> str:
     """Browser link to the registered version ('' when the registry is not an HTTP server)."""
-    from deltapatch.registry.tracking import registry_settings, ui_url
-
     base = ui_url(params)
     if not base:
         return ""
@@ -309,8 +289,6 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 def artifact_key(task: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    import re
-
     return "patch-" + (re.sub(r"[^a-z0-9-]+", "-", task.lower()).strip("-") or "task")
 
 
@@ -338,12 +316,10 @@ def run_pipeline(params: dict[str, Any], path: str | os.PathLike[str], task: str
 
 def release_step(params: dict[str, Any], path: str | os.PathLike[str]) -> bool:
     """The run of the dataset at `path` has ended (versioned or quarantined): out of the inbox."""
-    from deltapatch.inbox import release
-
     return release(params, path)
 
 
-def gate_hint(task: str, version: Any) -> str:
+def gate_hint(task: str, version: int | str) -> str:
     """What to do after a failed gate (the serving champion is untouched)."""
     return (f"the champion of '{task}' is unchanged; every check is in `deltapatch patches show {task}@{version}`; "
             f"retrain with more data or epochs, or adjust the `gate:` settings in params.yaml")
@@ -360,7 +336,7 @@ class FinishSteps:
 
     gate: Callable[[str, dict[str, Any]], GateResult]
     register: Callable[[dict[str, Any], GateResult, str], dict[str, Any]]
-    promote: Callable[[str, str], Any]
+    promote: Callable[[str, str], object]
 
 
 def local_steps(params: dict[str, Any]) -> FinishSteps:
@@ -399,8 +375,6 @@ def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, 
 
 def project_params(project: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Load params for a flow parameter `project` (None: $DELTAPATCH_PROJECT or the cwd's project)."""
-    from deltapatch.config import load_params
-
     return load_params(Path(project).resolve() if project else None)
 
 

@@ -11,16 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.tasks import exponential_backoff
-
-from deltapatch import pipeline
-from deltapatch.errors import DatasetError, DeltapatchError, retryable
-from deltapatch.gate import GateResult
 from deltapatch.telemetry import disable_telemetry
 
-disable_telemetry()
+disable_telemetry()  # first: MLflow (imported with deltapatch.pipeline) reads its opt-out when imported
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
+
+from deltapatch import pipeline  # noqa: E402
+from deltapatch.errors import DatasetError, DeltapatchError, retryable  # noqa: E402
+from deltapatch.gate import GateResult  # noqa: E402
 
 
 def retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:

@@ -25,10 +25,24 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import mlflow
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from deltapatch.config import state_dir
+from deltapatch.delta.patch import META_FILE, TENSORS_FILE, patch_bytes
 from deltapatch.errors import DeltapatchError, RegistryError
+from deltapatch.models.base import BaseModel, load_base, sidecar_path
+from deltapatch.registry import plots
+from deltapatch.registry.runtime import Predictor
 from deltapatch.registry.tracking import (
     RegistrySettings,
     _first_line,
@@ -36,6 +50,15 @@ from deltapatch.registry.tracking import (
     experiment_id,
     registry_settings,
 )
+from deltapatch.train import predict_logits
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models.model import ModelInfo
+
+    from deltapatch.data.dataset import TaskData
+    from deltapatch.patching import PatchResult, PatchSession
+    from deltapatch.train import EpochRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,8 +89,6 @@ def _wrap_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mlflow.exceptions import MlflowException
-
         try:
             return func(*args, **kwargs)
         except DeltapatchError:
@@ -80,16 +101,12 @@ def _wrap_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _client(params: dict[str, Any]) -> Any:
-    from mlflow.tracking import MlflowClient
-
+def _client(params: dict[str, Any]) -> MlflowClient:
     uri = configure(params)
     return MlflowClient(uri, uri)
 
 
-def _lock(params: dict[str, Any], name: str, settings: RegistrySettings) -> Any:
-    from filelock import FileLock, Timeout
-
+def _lock(params: dict[str, Any], name: str, settings: RegistrySettings) -> contextlib.AbstractContextManager[None]:
     folder = state_dir(params) / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / f"registry-{name}.lock"), timeout=settings.lock_timeout_s)
@@ -109,11 +126,7 @@ def _lock(params: dict[str, Any], name: str, settings: RegistrySettings) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ signature
-def _signature(input_size: int) -> Any:
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
-
+def _signature(input_size: int) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, input_size, input_size, 3))]),
         outputs=Schema([ColSpec("string", "task"), ColSpec("string", "class"), ColSpec("long", "class_index"),
@@ -121,24 +134,17 @@ def _signature(input_size: int) -> Any:
     )
 
 
-def _input_example(input_size: int) -> Any:
-    import numpy as np
-
+def _input_example(input_size: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(2, input_size, input_size, 3), dtype=np.uint8)
 
 
 def _pip_requirements() -> list[str]:
-    import mlflow
-    import torch
-
     return ["deltapatch", f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
             "torchvision", "safetensors", "numpy", "pandas", "pillow"]
 
 
 @contextlib.contextmanager
 def _active_run(run_id: str) -> Iterator[None]:
-    import mlflow
-
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         yield
@@ -147,9 +153,7 @@ def _active_run(run_id: str) -> Iterator[None]:
         yield
 
 
-def _log_pyfunc(run_id: str, artifacts: dict[str, str], model_config: dict[str, Any], input_size: int) -> Any:
-    import mlflow
-
+def _log_pyfunc(run_id: str, artifacts: dict[str, str], model_config: dict[str, Any], input_size: int) -> ModelInfo:
     with _active_run(run_id):
         return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_PATH,
@@ -162,13 +166,10 @@ def _log_pyfunc(run_id: str, artifacts: dict[str, str], model_config: dict[str, 
         )
 
 
-def _create_version(params: dict[str, Any], client: Any, name: str, model_info: Any, run_id: str,
+def _create_version(params: dict[str, Any], client: MlflowClient, name: str, model_info: ModelInfo, run_id: str,
                     tags: dict[str, str], description: str, required: Sequence[str]) -> int:
     """Register `model_info` as a new version of `name`; verify its artifacts; never leave a
     half-registered version behind (deleted, or tagged registration=failed if deletion fails too)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -195,7 +196,7 @@ def _create_version(params: dict[str, Any], client: Any, name: str, model_info: 
     return version
 
 
-def _discard_version(client: Any, name: str, version: int) -> None:
+def _discard_version(client: MlflowClient, name: str, version: int) -> None:
     try:
         client.delete_model_version(name, str(version))
     except Exception:  # noqa: BLE001 — best effort; fall back to marking it
@@ -204,9 +205,7 @@ def _discard_version(client: Any, name: str, version: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ base
-def _base_versions(client: Any, name: str) -> list[Any]:
-    from mlflow.exceptions import MlflowException
-
+def _base_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     try:
         return list(client.search_model_versions(f"name='{name}'"))
     except MlflowException:
@@ -214,11 +213,9 @@ def _base_versions(client: Any, name: str) -> list[Any]:
 
 
 @_wrap_errors
-def register_base(params: dict[str, Any], base: Any = None) -> int:
+def register_base(params: dict[str, Any], base: BaseModel | None = None) -> int:
     """Register the project's base model as ``<prefix>base`` once per fingerprint (its weights and
     sidecar as artifacts, the fingerprint as a tag); returns the version (existing or new)."""
-    from deltapatch.models.base import load_base, sidecar_path
-
     settings = registry_settings(params)
     base = base or load_base(params)
     name = settings.base_model_name
@@ -253,7 +250,7 @@ def register_base(params: dict[str, Any], base: Any = None) -> int:
             raise
 
 
-def find_base_version(params: dict[str, Any], fingerprint: str, client: Any = None) -> int | None:
+def find_base_version(params: dict[str, Any], fingerprint: str, client: MlflowClient | None = None) -> int | None:
     """The registered base version with this fingerprint (complete registrations only), or None."""
     client = client or _client(params)
     name = registry_settings(params).base_model_name
@@ -283,13 +280,11 @@ def params_for_mlflow(params: dict[str, Any]) -> dict[str, str]:
 class PatchRun:
     """One MLflow run of a patch training (see :func:`patch_run`)."""
 
-    def __init__(self, params: dict[str, Any], client: Any, run_id: str, task: str) -> None:
+    def __init__(self, params: dict[str, Any], client: MlflowClient, run_id: str, task: str) -> None:
         self.params, self.client, self.run_id, self.task = params, client, run_id, task
 
-    def on_epoch(self, record: Any) -> None:
+    def on_epoch(self, record: EpochRecord) -> None:
         """Pass as `train_patch(..., on_epoch=run.on_epoch)`: logs the epoch's metrics live."""
-        from mlflow.entities import Metric
-
         step = int(record.epoch)
         now = int(datetime.now(UTC).timestamp() * 1000)
         values = {"train_loss": record.train_loss, "train_acc": record.train_acc, "val_acc": record.val_acc,
@@ -298,7 +293,8 @@ class PatchRun:
         with contextlib.suppress(Exception):  # a metric hiccup never kills a training
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def log_result(self, result: Any, *, data: Any = None, session: Any = None, gate: dict[str, Any] | None = None,
+    def log_result(self, result: PatchResult, *, data: TaskData | None = None, session: PatchSession | None = None,
+                   gate: dict[str, Any] | None = None,
                    report: dict[str, Any] | None = None, extra_artifacts: Sequence[Path | str] = (),
                    log_history: bool = False) -> None:
         """Final metrics and artifacts: the patch files, learning curve, confusion matrix (when `data`
@@ -319,8 +315,6 @@ def patch_run(params: dict[str, Any], task: str, *, data_version: str = "", run_
     except Exception as exc:  # noqa: BLE001
         raise RegistryError(f"cannot start an MLflow run for '{task}': {_first_line(exc)}") from None
     run_id = run.info.run_id
-    from mlflow.entities import Param
-
     items = [Param(k, v) for k, v in params_for_mlflow(params).items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start:start + 100])
@@ -334,11 +328,8 @@ def patch_run(params: dict[str, Any], task: str, *, data_version: str = "", run_
         client.set_terminated(run_id, "FINISHED")
 
 
-def _test_predictions(params: dict[str, Any], result: Any, data: Any, session: Any) -> Any:
-    import numpy as np
-
-    from deltapatch.train import predict_logits
-
+def _test_predictions(params: dict[str, Any], result: PatchResult, data: TaskData,
+                      session: PatchSession | None) -> np.ndarray:
     if session is not None and result.task in session.net.tasks:
         net, norm = session.net, session.norm
         previous = net.active_task
@@ -348,9 +339,6 @@ def _test_predictions(params: dict[str, Any], result: Any, data: Any, session: A
         finally:
             net.select(previous)
     else:
-        from deltapatch.models.base import load_base
-        from deltapatch.registry.runtime import Predictor
-
         predictor = Predictor(load_base(params))
         predictor.add_patch(result.patch_dir)
         predictor.net.select(result.task)
@@ -359,14 +347,11 @@ def _test_predictions(params: dict[str, Any], result: Any, data: Any, session: A
 
 
 @_wrap_errors
-def log_result(params: dict[str, Any], run_id: str, result: Any, *, data: Any = None, session: Any = None,
-               gate: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
-               extra_artifacts: Sequence[Path | str] = (), log_history: bool = False, client: Any = None) -> None:
+def log_result(params: dict[str, Any], run_id: str, result: PatchResult, *, data: TaskData | None = None,
+               session: PatchSession | None = None, gate: dict[str, Any] | None = None,
+               report: dict[str, Any] | None = None, extra_artifacts: Sequence[Path | str] = (),
+               log_history: bool = False, client: MlflowClient | None = None) -> None:
     """Log a PatchResult to run `run_id` (see PatchRun.log_result)."""
-    from mlflow.entities import Metric
-
-    from deltapatch.registry import plots
-
     client = client or _client(params)
     now = int(datetime.now(UTC).timestamp() * 1000)
     metrics = []
@@ -418,7 +403,8 @@ def log_result(params: dict[str, Any], run_id: str, result: Any, *, data: Any = 
             client.log_artifact(run_id, str(path), "extra")
 
 
-def log_patch_run(params: dict[str, Any], result: Any, *, data: Any = None, session: Any = None,
+def log_patch_run(params: dict[str, Any], result: PatchResult, *, data: TaskData | None = None,
+                  session: PatchSession | None = None,
                   gate: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
                   extra_artifacts: Sequence[Path | str] = (), data_version: str = "") -> str:
     """After-the-fact variant of :func:`patch_run`: one run with params, per-epoch metrics from
@@ -446,15 +432,12 @@ def gate_status(gate: dict[str, Any] | None) -> str:
 
 
 @_wrap_errors
-def register_patch(params: dict[str, Any], run_id: str, result: Any, gate: dict[str, Any] | None,
+def register_patch(params: dict[str, Any], run_id: str, result: PatchResult, gate: dict[str, Any] | None,
                    data_version: str = "") -> int:
     """Register run `run_id`'s patch as a new version of ``<prefix><task>`` (models-from-code pyfunc,
     artifacts = the patch files only, the base referred to by name/version/fingerprint). Tags: base
     fingerprint & version, data version, gate, patch accuracy, base check, trainable %, patch bytes.
     A failed-gate version is registered (for the record) but never promoted. Returns the version."""
-    from deltapatch.delta.patch import META_FILE, TENSORS_FILE, patch_bytes
-    from deltapatch.models.base import load_base
-
     settings = registry_settings(params)
     client = _client(params)
     meta = result.meta
@@ -502,7 +485,7 @@ def register_patch(params: dict[str, Any], run_id: str, result: Any, gate: dict[
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _aliases(client: Any, name: str) -> dict[str, int]:
+def _aliases(client: MlflowClient, name: str) -> dict[str, int]:
     rm = client.get_registered_model(name)
     raw = rm.aliases or {}
     if isinstance(raw, dict):
@@ -525,7 +508,7 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _version_info(task: str, mv: Any, aliases: dict[str, int]) -> dict[str, Any]:
+def _version_info(task: str, mv: ModelVersion, aliases: dict[str, int]) -> dict[str, Any]:
     tags = dict(mv.tags or {})
     version = int(mv.version)
     return {
@@ -550,8 +533,6 @@ def _task_of(settings: RegistrySettings, name: str) -> str:
 @_wrap_errors
 def list_patches(params: dict[str, Any], task: str | None = None) -> list[dict[str, Any]]:
     """Every registered patch version (optionally of one task), newest version first per task."""
-    from mlflow.exceptions import MlflowException
-
     settings = registry_settings(params)
     client = _client(params)
     if task:
@@ -578,8 +559,6 @@ def list_patches(params: dict[str, Any], task: str | None = None) -> list[dict[s
 def get_version(params: dict[str, Any], task: str, version: int | str | None = None,
                 alias: str | None = None) -> dict[str, Any]:
     """One version's info (`task` 'base' = the base model). Default: the champion (the latest for base)."""
-    from mlflow.exceptions import MlflowException
-
     settings = registry_settings(params)
     client = _client(params)
     name = settings.base_model_name if task == "base" else settings.model_name(task)
@@ -629,8 +608,6 @@ def champions(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def download_patch(params: dict[str, Any], task: str, version: int | str | None = None, alias: str | None = None,
                    dst: Path | None = None) -> Path:
     """Download a version's patch files; returns the local folder holding patch.safetensors + patch.json."""
-    import mlflow
-
     info = get_version(params, task, version=version, alias=alias)
     _check_usable(info)
     configure(params)
