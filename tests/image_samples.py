@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 from PIL import Image
+
+from deltapatch.bench_serve import bomb_png  # noqa: F401  (re-exported for the tests; one home)
 
 EXIF_ORIENTATION = 0x0112
 
@@ -57,13 +57,3 @@ def encoded(fmt: str, seed: int = 0, size: int = 24) -> bytes:
     """A valid image of size × size in PIL format `fmt` (e.g. ICO, TGA, PCX, GIF, TIFF)."""
     return _save(Image.fromarray(noise(seed, size, size)), fmt)
 
-
-def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
-    """A ~100-byte PNG whose header claims width × height pixels (a decompression bomb's shape)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
