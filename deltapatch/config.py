@@ -78,6 +78,20 @@ def section(params: dict[str, Any], name: str, cls: type[T]) -> T:
     return cls(**raw)
 
 
+def with_quick(settings: T, section_name: str, options_field: str) -> T:
+    """`settings` with its `quick` overrides applied (bench.quick, stream.quick): unknown keys refused,
+    the per-method/per-strategy options in `options_field` merged per name rather than replaced."""
+    known = {f.name for f in dataclasses.fields(settings)} - {"quick"}  # type: ignore[arg-type]
+    quick: dict[str, Any] = dict(settings.quick)  # type: ignore[attr-defined]
+    unknown = sorted(set(quick) - known)
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) {unknown} in {section_name}.quick; known: {sorted(known)}")
+    options = {name: dict(o or {}) for name, o in getattr(settings, options_field).items()}
+    for name, extra in (quick.pop(options_field, None) or {}).items():
+        options[name] = {**options.get(name, {}), **(extra or {})}
+    return dataclasses.replace(settings, **quick, **{options_field: options})  # type: ignore[type-var]
+
+
 def resolve_path(params: dict[str, Any], value: str | os.PathLike[str]) -> Path:
     """Paths in params.yaml are relative to the project root."""
     path = Path(value)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltapatch.config import ConfigError
+from deltapatch.config import ConfigError, with_quick
 
 # bench.csv: these columns, in this order (docs/benchmark.md says what each one means). The first
 # fourteen are the original table; later columns are only ever appended.
@@ -44,17 +43,7 @@ class BenchSettings:
 
     def for_run(self, quick: bool) -> BenchSettings:
         """These settings with the `quick` overrides applied when asked for."""
-        if not quick:
-            return self
-        known = {f.name for f in dataclasses.fields(self)} - {"quick"}
-        unknown = sorted(set(self.quick) - known)
-        if unknown:
-            raise ConfigError(f"params.yaml: unknown key(s) {unknown} in bench.quick; known: {sorted(known)}")
-        overrides = dict(self.quick)
-        options = {m: dict(o or {}) for m, o in self.method_options.items()}
-        for method, extra in (overrides.pop("method_options", None) or {}).items():
-            options[method] = {**options.get(method, {}), **(extra or {})}  # merged per method
-        return dataclasses.replace(self, **overrides, method_options=options)
+        return with_quick(self, "bench", "method_options") if quick else self
 
     def seed_list(self, first: int) -> list[int]:
         if self.seeds < 1:

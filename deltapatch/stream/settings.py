@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltapatch.config import ConfigError
+from deltapatch.config import with_quick
 
 
 @dataclass
@@ -26,14 +25,4 @@ class StreamSettings:
 
     def for_run(self, quick: bool) -> StreamSettings:
         """These settings with the `quick` overrides applied when asked for (options merged per strategy)."""
-        if not quick:
-            return self
-        known = {f.name for f in dataclasses.fields(self)} - {"quick"}
-        unknown = sorted(set(self.quick) - known)
-        if unknown:
-            raise ConfigError(f"params.yaml: unknown key(s) {unknown} in stream.quick; known: {sorted(known)}")
-        overrides = dict(self.quick)
-        options = {name: dict(o or {}) for name, o in self.strategy_options.items()}
-        for name, extra in (overrides.pop("strategy_options", None) or {}).items():
-            options[name] = {**options.get(name, {}), **(extra or {})}
-        return dataclasses.replace(self, **overrides, strategy_options=options)
+        return with_quick(self, "stream", "strategy_options") if quick else self
