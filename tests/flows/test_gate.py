@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from deltapatch import pipeline
-from deltapatch.gate import Champion, run_gate
+from deltapatch.delta import DeltaNetwork
+from deltapatch.delta.network import final_linear_name
+from deltapatch.delta.patch import TENSORS_FILE
+from deltapatch.gate import Champion, _task_data, run_gate
+from deltapatch.models.base import load_base
 from tests.flows.conftest import new_project, write_task
 
 
@@ -53,33 +60,48 @@ def test_gate_fails_below_min_accuracy_and_says_by_how_much(trained: dict[str, A
     assert f"short by {1.0 - acc:.3f}" in result.message and "patch_accuracy" in result.message
 
 
-def test_gate_fails_on_interference_with_registered_accuracy(trained: dict[str, Any], tmp_path: Path) -> None:
-    import json
-    import shutil
-
+def test_gate_fails_when_a_champions_saved_tensors_no_longer_reproduce_it(trained: dict[str, Any],
+                                                                        tmp_path: Path) -> None:
+    """A real regression: the champion's stored tensors changed after registration (a corrupted or
+    tampered artifact). Its head is overwritten to always answer the rarest test class, so the
+    recomputed accuracy must fall below the one it was registered with."""
     params = trained["params"]
-    # A champion whose registered accuracy (patch.json, full precision) is not reproduced.
     champ = _champion(trained)
     shutil.copytree(champ.patch_dir, tmp_path / "patch")
-    meta = json.loads((tmp_path / "patch" / "patch.json").read_text())
-    meta["metrics"]["patch_acc"] += 0.2
-    (tmp_path / "patch" / "patch.json").write_text(json.dumps(meta))
+    tensors = load_file(str(tmp_path / "patch" / TENSORS_FILE))
+    head = final_linear_name(load_base(params).model)  # the head's tensors are '<its path>.weight/.bias'
+    test_labels = _task_data(params, "glyphs").test.labels.tolist()
+    rarest = min(set(test_labels), key=test_labels.count)
+    constant_acc = test_labels.count(rarest) / len(test_labels)
+    assert champ.test_acc > constant_acc, "the trained champion must beat a constant answer for this test to mean anything"
+    tensors[f"{head}.weight"] = torch.zeros_like(tensors[f"{head}.weight"])
+    tensors[f"{head}.bias"] = torch.zeros_like(tensors[f"{head}.bias"])
+    tensors[f"{head}.bias"][rarest] = 1.0
+    save_file(tensors, str(tmp_path / "patch" / TENSORS_FILE))
     champ.patch_dir = tmp_path / "patch"
+
     result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [champ])
     assert not result.passed
     assert [c.name for c in result.failed] == ["interference:glyphs"]
-    assert "DROPPED by 0.200" in result.message
+    inter = result.check("interference:glyphs")
+    assert inter.value == pytest.approx(constant_acc)
+    assert inter.extra["drop"] == pytest.approx(champ.test_acc - constant_acc)
+    assert "DROPPED by" in result.message
 
 
-def test_gate_fails_when_base_route_differs(trained: dict[str, Any]) -> None:
-    from deltapatch.patching import open_session
-
+def test_gate_fails_when_the_network_base_differs_in_one_weight(trained: dict[str, Any]) -> None:
+    """A real regression of the base route: one frozen weight of the network being patched is off
+    by 1e-3 (what a patch that leaked into the base would do); the pristine reference is the file."""
     params = trained["params"]
-    session = open_session(params)
-    session.reference_logits = session.reference_logits + 1e-3  # a reference the base route cannot match
-    result = run_gate(params, session, "shapes", Path(trained["shapes"][1]["patch_dir"]), [])
-    assert [c.name for c in result.failed] == ["base"]
-    assert "NOT bit-identical" in result.message and "0.001" in result.message
+    net = DeltaNetwork(load_base(params).model)
+    name, weight = next((n, p) for n, p in net.named_parameters() if p.dim() == 4)  # the first conv
+    with torch.no_grad():
+        weight.view(-1)[0] += 1e-3
+    result = run_gate(params, net, "shapes", Path(trained["shapes"][1]["patch_dir"]), [])
+    assert [c.name for c in result.failed] == ["base"], name
+    base = result.check("base")
+    assert base.value > 0 and not base.extra["bit_identical"]
+    assert "NOT bit-identical" in result.message
     assert result.as_dict()["passed"] is False
 
 
@@ -104,9 +126,6 @@ def test_gate_step_gates_against_registered_champions_and_removes_their_download
 
 
 def test_gate_accepts_a_bare_network_and_measures_it_against_a_fresh_base(trained: dict[str, Any]) -> None:
-    from deltapatch.delta import DeltaNetwork
-    from deltapatch.models.base import load_base
-
     params = trained["params"]
     net = DeltaNetwork(load_base(params).model)
     result = run_gate(params, net, "shapes", Path(trained["shapes"][1]["patch_dir"]), [_champion(trained)])
