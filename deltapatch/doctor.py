@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import torch
 
 from deltapatch import stack
 from deltapatch.bench import BenchSettings
@@ -158,8 +159,6 @@ def check_prefect(params: dict[str, Any]) -> Check:
 
 
 def check_cuda(params: dict[str, Any]) -> Check:
-    import torch
-
     wanted = section(params, "train", TrainSettings).device
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

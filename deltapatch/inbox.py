@@ -33,6 +33,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from deltapatch import prefect_api
 from deltapatch.config import resolve_path, state_dir
 from deltapatch.errors import DatasetError, DeltapatchError
 from deltapatch.prefect_api import api_url_for
@@ -119,8 +120,6 @@ def emit_arrival(api_url: str, path: Path, task: str | None = None) -> str:
     ``CONFIRM_SECONDS`` is announced again, up to ``EMIT_ATTEMPTS`` times. Returns the id of the
     event that started the run.
     """
-    from deltapatch import prefect_api
-
     deployment = prefect_api.deployment_id(api_url, PATCH_TASK_DEPLOYMENT)
     for _ in range(EMIT_ATTEMPTS):
         event_id = prefect_api.send_event(api_url, ARRIVED_EVENT, _event_resource(task, path), {"path": str(path)})

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -25,7 +26,7 @@ Generated = tuple[np.ndarray, np.ndarray, list[str]]
 
 def digits(size: int, seed: int = 0, per_class: int = 0) -> Generated:
     """scikit-learn's digits, bilinearly upscaled from 8×8 (0–16) to size×size RGB."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: ~1 s (sklearn + scipy); used only by the digits tasks
 
     bunch = load_digits()
     scans = (bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -54,8 +55,6 @@ def digits_parity(size: int, seed: int = 0, per_class: int = 0) -> Generated:
 
 
 def _font_files() -> list[Path]:
-    import matplotlib
-
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     # The "Display" faces hold only a handful of glyphs, not the Latin alphabet.
     fonts = sorted(p for p in folder.glob("DejaVu*.ttf") if "Display" not in p.name)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from deltapatch.data.images import DEFAULT_MAX_PIXELS, ImageError, load_pixels, read_image_files
@@ -74,8 +75,6 @@ def load_task_dir(task_dir: Path, image_size: int, name: str | None = None,
 
     Images go through the one image pipeline (deltapatch/data/images.py), like at serving time.
     """
-    import pandas as pd
-
     task_dir = Path(task_dir)
     manifest_path = task_dir / "manifest.csv"
     if not manifest_path.is_file():
