@@ -24,9 +24,14 @@ from typing import Any
 
 import yaml
 
+from deltapatch import prefect_api, stack
 from deltapatch.config import load_params, project_root, resolve_path, state_dir
+from deltapatch.data import builtin
+from deltapatch.data.versioning import ensure_project_repo
 from deltapatch.errors import DeltapatchError
-from deltapatch.inbox import PATCH_TASK_DEPLOYMENT
+from deltapatch.inbox import PATCH_TASK_DEPLOYMENT, submit
+from deltapatch.models.base import sidecar_path
+from deltapatch.models.pretrain import ensure_base
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # demo: keys that are not overrides of other sections
@@ -35,8 +40,6 @@ DEMO_KEYS = {"tasks", "images_per_class", "epochs", "min_steps", "keep_base"}
 
 def prepare_project(src_params: dict[str, Any], folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Create (or reuse) the scratch project; returns its params."""
-    from deltapatch.data.versioning import ensure_project_repo
-
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     params_file = folder / "params.yaml"
@@ -55,9 +58,6 @@ def prepare_project(src_params: dict[str, Any], folder: Path, say: Callable[[str
 
 
 def _base_weights(src: dict[str, Any], params: dict[str, Any], say: Callable[[str], None]) -> None:
-    from deltapatch.models.base import sidecar_path
-    from deltapatch.models.pretrain import ensure_base
-
     target = resolve_path(params, params["base"]["weights"])
     if target.exists():
         return
@@ -78,9 +78,7 @@ def _base_weights(src: dict[str, Any], params: dict[str, Any], say: Callable[[st
 
 def use_stack(params: dict[str, Any]) -> dict[str, str]:
     """Point this process's Prefect/MLflow clients at the project's stack (before importing prefect)."""
-    from deltapatch.stack import client_env
-
-    env = client_env(params)
+    env = stack.client_env(params)
     if env is None:
         raise DeltapatchError("the stack is not running")
     os.environ.update(env)
@@ -90,8 +88,6 @@ def use_stack(params: dict[str, Any]) -> dict[str, str]:
 def wait_for_runs(api_url: str, paths: list[str], timeout: float, say: Callable[[str], None],
                   deployment: str = PATCH_TASK_DEPLOYMENT) -> dict[str, dict[str, Any]]:
     """Poll the Prefect API until the run of `deployment` for each submitted path is terminal."""
-    from deltapatch import prefect_api
-
     deadline = time.monotonic() + timeout
     dep = prefect_api.deployment_id(api_url, deployment)
     runs: dict[str, dict[str, Any]] = {}
@@ -116,8 +112,9 @@ def wait_for_runs(api_url: str, paths: list[str], timeout: float, say: Callable[
 
 def run_results(api_url: str, runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per run: the flow's result for completed runs, the failure message otherwise."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    # Prefect reads its settings from the environment when first imported: use_stack sets them first.
+    from prefect.client.orchestration import get_client  # lazy: prefect reads env at import
+    from prefect.settings import PREFECT_API_URL, temporary_settings  # lazy: prefect reads env at import
 
     rows = []
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
@@ -137,16 +134,11 @@ def run_results(api_url: str, runs: dict[str, dict[str, Any]]) -> list[dict[str,
 
 def run_demo(src_params: dict[str, Any], project: Path, *, tasks: list[str] | None = None, down_after: bool = False,
              timeout: float = 1800.0, say: Callable[[str], None] = print) -> dict[str, Any]:
-    from deltapatch import stack
-    from deltapatch.data import builtin
-
     started = time.perf_counter()
     params = prepare_project(src_params, project, say)
     say("starting the stack (a running one only gets its stopped processes restarted)…")
     stack.up(params, on_progress=lambda m: say(f"  {m}"))
     env = use_stack(params)
-    from deltapatch.inbox import submit
-
     demo = copy.deepcopy(params.get("demo") or {})
     names = list(tasks or demo.get("tasks") or builtin.PATCH_TASKS)
     size, seed = int(params["base"]["input_size"]), int(params.get("seed", 0))

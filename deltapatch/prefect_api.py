@@ -18,20 +18,21 @@ from typing import Any
 import httpx
 
 from deltapatch.errors import DeltapatchError
+from deltapatch.stack import client_env
 
 HTTP_TIMEOUT = 10.0
 
 
 def api_url_for(params: dict[str, Any]) -> str:
     """The Prefect API of this project: its running stack, else ``PREFECT_API_URL`` (env or profile)."""
-    from deltapatch.stack import client_env
-
     env = client_env(params)
     if env is not None:
         return env["PREFECT_API_URL"]
     url = os.environ.get("PREFECT_API_URL")
     if not url:
-        from prefect.settings import PREFECT_API_URL
+        # Importing prefect reads its settings from the environment; this module is imported before
+        # callers point the environment at the stack (demo.use_stack), and prefect costs seconds.
+        from prefect.settings import PREFECT_API_URL  # lazy: prefect reads env at import
 
         url = PREFECT_API_URL.value()
     if not url:
@@ -45,7 +46,7 @@ def api_url_for(params: dict[str, Any]) -> str:
 
 def send_event(api_url: str, event: str, resource: dict[str, str], payload: dict[str, Any]) -> str:
     """Post one event; returns its id once the server has accepted it."""
-    from prefect.events.schemas.events import Event
+    from prefect.events.schemas.events import Event  # lazy: prefect reads env at import (see api_url_for)
 
     body = Event(event=event, resource=resource, payload=payload, id=uuid.uuid4())
     try:

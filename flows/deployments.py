@@ -13,15 +13,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deltapatch.inbox import ARRIVED_EVENT, TASK_NAME_LABEL, TASK_RESOURCE_PREFIX
+from deltapatch.telemetry import disable_telemetry
+
+disable_telemetry()  # first: Prefect and MLflow read their opt-outs when imported (as in flows.patch_task)
+
+import torch  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate  # noqa: E402
+from prefect.events import DeploymentEventTrigger  # noqa: E402
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound  # noqa: E402
+
+from deltapatch.inbox import ARRIVED_EVENT, TASK_NAME_LABEL, TASK_RESOURCE_PREFIX  # noqa: E402
+from flows.patch_task import patch_task_flow, rollback_patch_flow, train_patch_flow  # noqa: E402
 
 TRAIN_DEPLOYMENT_NAME = "gpu"
 
 
 def arrival_trigger() -> Any:
     """The trigger that starts `patch-task` for each arrival event (one run per event)."""
-    from prefect.events import DeploymentEventTrigger
-
     return DeploymentEventTrigger(
         name="on-task-arrival",
         expect={ARRIVED_EVENT},
@@ -38,8 +47,6 @@ def pool_concurrency(configured: int) -> int:
     if configured and configured > 0:
         return int(configured)
     try:
-        import torch
-
         return max(1, torch.cuda.device_count())
     except Exception:
         return 1
@@ -47,10 +54,6 @@ def pool_concurrency(configured: int) -> int:
 
 def ensure_pool(pool: str, concurrency: int) -> None:
     """Create the process work pool if missing and set its concurrency limit."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
@@ -64,8 +67,6 @@ def ensure_pool(pool: str, concurrency: int) -> None:
 
 def deploy_training(project: str, pool: str = "gpu", code_root: Path | None = None) -> Any:
     """Register `train-patch/gpu` on the work pool (the worker runs it from the code folder)."""
-    from flows.patch_task import train_patch_flow
-
     source = Path(code_root or Path(__file__).resolve().parent.parent)
     remote = train_patch_flow.from_source(source=str(source), entrypoint="flows/patch_task.py:train_patch_flow")
     return remote.deploy(name=TRAIN_DEPLOYMENT_NAME, work_pool_name=pool, parameters={"project": project},
@@ -75,8 +76,6 @@ def deploy_training(project: str, pool: str = "gpu", code_root: Path | None = No
 
 def served_deployments(project: str) -> list[Any]:
     """`patch-task` (with the arrival trigger) and `rollback-patch`, for `prefect.serve`."""
-    from flows.patch_task import patch_task_flow, rollback_patch_flow
-
     patch = patch_task_flow.to_deployment(
         name="patch-task", triggers=[arrival_trigger()], parameters={"project": project, "train_on": "auto"},
         description="New task dataset → ingest, version, train on the gpu pool, gate, register, promote.",

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from deltapatch.telemetry import disable_telemetry
 
-disable_telemetry()
+disable_telemetry()  # first: Prefect and MLflow read their opt-outs when imported
+
+from prefect import serve  # noqa: E402
+
+from deltapatch.config import load_params, project_root  # noqa: E402
+from deltapatch.stack import stack_settings  # noqa: E402
+from flows.deployments import deploy_training, ensure_pool, pool_concurrency, served_deployments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,13 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=4, help="patch-task runs at once in this process")
     args = parser.parse_args(argv)
 
-    from prefect import serve
-
-    from deltapatch.config import load_params, project_root
-    from deltapatch.stack import stack_settings
-    from flows.deployments import deploy_training, ensure_pool, pool_concurrency, served_deployments
-
-    params = load_params(None if args.project is None else __import__("pathlib").Path(args.project))
+    params = load_params(None if args.project is None else Path(args.project))
     project = str(project_root(params).resolve())
     settings = stack_settings(params)
     pool = args.pool or settings.gpu_pool
