@@ -39,8 +39,9 @@ bench: setup  ## full benchmark table -> bench-results/
 bench-quick: setup
 	$(BIN)/deltapatch bench --quick --out bench-results/quick
 
-lint: setup
+lint: setup  ## ruff on everything, mypy on the library and the flows (settings: pyproject [tool.mypy])
 	$(BIN)/ruff check deltapatch flows tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf .demo bench-results test-artifacts .pytest_cache .ruff_cache

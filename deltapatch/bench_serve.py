@@ -154,7 +154,7 @@ class ForwardCeiling:
     def __init__(self, params: dict[str, Any], images: np.ndarray, repeats: int) -> None:
         base = load_base(params, "cpu")
         self.model = base.model.eval()
-        norm = Normalizer(base.settings.mean, base.settings.std, "cpu")
+        norm = Normalizer(base.settings.mean, base.settings.std, torch.device("cpu"))
         self.x = norm(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
         self.images, self.repeats = images, repeats
         self.predictor = Predictor(load_base(params, "cpu"))

@@ -152,7 +152,7 @@ def run_demo(src_params: dict[str, Any], project: Path, *, tasks: list[str] | No
     say(f"waiting for {len(paths)} patch-task run(s) (training queues through the gpu pool)…")
     runs = wait_for_runs(env["PREFECT_API_URL"], paths, timeout, say)
     results = run_results(env["PREFECT_API_URL"], {p: runs[p] for p in paths})
-    urls = stack.read_state(params)["urls"]
+    urls = (stack.read_state(params) or {}).get("urls", {})
     if down_after:
         stack.down(params, on_progress=lambda m: say(f"  {m}"))
     return {"results": results, "seconds": time.perf_counter() - started, "urls": urls,

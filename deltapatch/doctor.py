@@ -89,7 +89,7 @@ def _base_accuracy(params: dict[str, Any], base: Any) -> str:
         if acc is not None:
             return f"test acc {float(acc):.3f} (pre-training)"
     data = base_eval_data(params)
-    norm = Normalizer(base.settings.mean, base.settings.std, "cpu")
+    norm = Normalizer(base.settings.mean, base.settings.std, torch.device("cpu"))
     return f"test acc {accuracy(predict_logits(base.model, data.test, norm), data.test.labels):.3f} ({base.settings.eval_set})"
 
 

@@ -46,9 +46,12 @@ def api_url_for(params: dict[str, Any]) -> str:
 
 def send_event(api_url: str, event: str, resource: dict[str, str], payload: dict[str, Any]) -> str:
     """Post one event; returns its id once the server has accepted it."""
-    from prefect.events.schemas.events import Event  # lazy: prefect reads env at import (see api_url_for)
+    from prefect.events.schemas.events import (  # lazy: prefect reads env at import (see api_url_for)
+        Event,
+        Resource,
+    )
 
-    body = Event(event=event, resource=resource, payload=payload, id=uuid.uuid4())
+    body = Event(event=event, resource=Resource.model_validate(resource), payload=payload, id=uuid.uuid4())
     try:
         response = httpx.post(f"{api_url}/events", json=[body.model_dump(mode="json")], timeout=HTTP_TIMEOUT)
     except httpx.HTTPError as exc:

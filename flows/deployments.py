@@ -18,6 +18,7 @@ from deltapatch.telemetry import disable_telemetry
 disable_telemetry()  # first: Prefect and MLflow read their opt-outs when imported (as in flows.patch_task)
 
 import torch  # noqa: E402
+from prefect import Flow  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate  # noqa: E402
 from prefect.events import DeploymentEventTrigger  # noqa: E402
@@ -69,6 +70,7 @@ def deploy_training(project: str, pool: str = "gpu", code_root: Path | None = No
     """Register `train-patch/gpu` on the work pool (the worker runs it from the code folder)."""
     source = Path(code_root or Path(__file__).resolve().parent.parent)
     remote = train_patch_flow.from_source(source=str(source), entrypoint="flows/patch_task.py:train_patch_flow")
+    assert isinstance(remote, Flow)  # called from sync code, Prefect's sync/async API returns the flow itself
     return remote.deploy(name=TRAIN_DEPLOYMENT_NAME, work_pool_name=pool, parameters={"project": project},
                          description="Train one Δ-patch (device auto: CUDA + AMP when present).",
                          tags=["deltapatch", "gpu"], build=False, push=False, print_next_steps=False)

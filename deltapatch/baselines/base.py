@@ -109,6 +109,7 @@ class Classifier(nn.Module):
         self.head = head
         # Kept out of the parameter tree (not a submodule): never trained, never saved with the task.
         object.__setattr__(self, "base_head", base_head)
+        self.base_head: nn.Linear  # (for the type checker: set above, outside nn.Module's registry)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

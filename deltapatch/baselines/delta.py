@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from deltapatch.baselines.base import Forward, Method, MethodSettings
+from deltapatch.config import section
 from deltapatch.data.dataset import TaskData
 from deltapatch.delta import BASE, DeltaNetwork, make_config
 from deltapatch.delta.patch import PatchMeta, patch_bytes, save_patch
@@ -34,8 +37,6 @@ class DeltaMethod(Method):
     kind = ""
 
     def options(self) -> dict[str, Any]:
-        from deltapatch.config import section
-
         delta = section(self.context.params, "delta", DeltaSettings)
         return {**delta.options(self.kind), **self.settings.options}
 
@@ -53,7 +54,7 @@ class DeltaMethod(Method):
     def base_forward(self) -> Forward:
         net = self.net.eval()
 
-        def forward(x):  # type: ignore[no-untyped-def]
+        def forward(x: torch.Tensor) -> torch.Tensor:
             return net(x, tasks=[BASE] * x.shape[0])  # routes this call only, leaves the selection
 
         return forward

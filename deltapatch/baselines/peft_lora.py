@@ -61,7 +61,10 @@ class PeftLora(Method):
     settings: LoraSettings
 
     def prepare(self, data: TaskData) -> Trainable:
-        from peft import LoraConfig, get_peft_model
+        from peft import (  # lazy: peft loads transformers (seconds), only this method needs it
+            LoraConfig,
+            get_peft_model,
+        )
 
         self.task = data.name
         base_model = self.context.base.model
@@ -70,7 +73,7 @@ class PeftLora(Method):
         classifier = classifier_from(backbone, data.num_classes, base_head, self.context.device)
         config = LoraConfig(
             r=self.settings.r,
-            lora_alpha=self.settings.lora_alpha,
+            lora_alpha=self.settings.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int; any number works (scale α/r)
             lora_dropout=self.settings.lora_dropout,
             target_modules=[f"backbone.{n}" for n in conv_names(classifier.backbone)],
             modules_to_save=["head"],
@@ -121,7 +124,8 @@ def bn_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every BatchNorm running_mean / running_var, keyed by module name."""
     stats = {}
     for name, child in module.named_modules():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_mean is not None:
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_mean is not None \
+                and child.running_var is not None:
             stats[f"{name}.running_mean"] = child.running_mean.detach().clone()
             stats[f"{name}.running_var"] = child.running_var.detach().clone()
     return stats

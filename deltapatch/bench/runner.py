@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from deltapatch.baselines import METHODS, BenchContext, Method
-from deltapatch.bench.report import write_csv, write_markdown, write_plot
+from deltapatch.bench.report import Curves, write_csv, write_markdown, write_plot
 from deltapatch.bench.settings import COLUMNS, REFERENCE_METHOD, BenchSettings
 from deltapatch.config import ConfigError, section
 from deltapatch.data.dataset import TaskData
@@ -328,7 +328,7 @@ def _labelled_notes(run: MethodRun) -> list[str]:
     return [f"{run.row['method']} / {run.row['task']} / seed {run.row['seed']}: {note}" for note in run.notes]
 
 
-def _previous_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[tuple[str, str, int], list]]:
+def _previous_results(out_dir: Path) -> tuple[list[dict[str, Any]], Curves]:
     """Rows of an earlier (partial) run in OUT/bench.csv and their validation curves."""
     csv = out_dir / "bench.csv"
     if not csv.is_file():
@@ -336,12 +336,12 @@ def _previous_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[tuple[s
     frame = pd.read_csv(csv)
     if list(frame.columns) != COLUMNS:
         raise ConfigError(f"{csv} has other columns than this version writes; use another --out or drop --resume")
-    curves: dict[tuple[str, str, int], list] = {}
+    curves: Curves = {}
     histories = out_dir / HISTORIES
     if histories.is_file():
         for line in histories.read_text().splitlines():
             entry = json.loads(line)
-            curves[(entry["method"], entry["task"], int(entry["seed"]))] = [tuple(p) for p in entry["curve"]]
+            curves[(entry["method"], entry["task"], int(entry["seed"]))] = [(float(acc), float(seconds)) for acc, seconds in entry["curve"]]
     return frame.to_dict("records"), curves
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -14,7 +15,7 @@ console = Console()
 err_console = Console(stderr=True)  # progress notes, so stdout stays the command's answer
 
 
-def need_base(params: dict) -> None:  # type: ignore[type-arg]
+def need_base(params: dict[str, Any]) -> None:
     """First step of every command that needs the base model: pre-train the embedded default now
     (progress bar), or stop — before any work — naming a missing user base file and the fix."""
     from deltapatch.models.pretrain import ensure_base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich import box
@@ -30,7 +31,7 @@ def register(app: typer.Typer) -> None:
     app.command("ui")(ui)
 
 
-def _params():  # type: ignore[no-untyped-def]
+def _params() -> dict[str, Any]:
     from deltapatch.config import load_params
 
     return load_params()
@@ -192,7 +193,8 @@ def predict(
         console.print(f"{path}: [bold]{r['class']}[/] {r['score']:.3f}" + (f"   ({others})" if others else ""))
 
 
-def _predict_registered(params: dict, task: str, version: int | None, alias: str | None, arrays) -> list[dict]:  # type: ignore[no-untyped-def]
+def _predict_registered(params: dict[str, Any], task: str, version: int | None, alias: str | None,
+                        arrays: list[Any]) -> list[dict[str, Any]]:
     import mlflow
 
     from deltapatch.errors import RegistryError

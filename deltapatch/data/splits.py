@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 SPLITS = ("train", "val", "test")
 
 
-def stratified_split(labels: np.ndarray | list[int], val: float, test: float, seed: int) -> np.ndarray:
+def stratified_split(labels: np.ndarray | Sequence[int] | Sequence[str], val: float, test: float, seed: int) -> np.ndarray:
     """Assign each sample to 'train', 'val' or 'test', class by class.
 
     Args:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from deltapatch.delta.kinds import DeltaConfig, layer_class
-from deltapatch.delta.kinds.base import FrozenLayer
+from deltapatch.delta.kinds.base import DeltaLayer, FrozenLayer
 from deltapatch.delta.routing import BASE, Router
 
 
@@ -66,6 +66,12 @@ class DeltaWrapped(TaskRoutedModule):
 
     def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
         self.per_task[task] = layer_class(config.kind)(self.frozen, config)
+
+    def delta(self, task: str) -> DeltaLayer:
+        """`task`'s Δ layer (typed: ModuleDict hands back a plain Module)."""
+        layer = self.per_task[task]
+        assert isinstance(layer, DeltaLayer)  # add_task puts nothing else here
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router = self.router

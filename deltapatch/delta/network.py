@@ -44,7 +44,7 @@ class DeltaNetwork(nn.Module):
         self.head_name = final_linear_name(base_model)
         self.model = base_model
         self._wrap(base_model)
-        self._pristine: dict[str, tuple[nn.Parameter, nn.Parameter | None]] = {}
+        self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.train(False)
 
     # ---------------------------------------------------------------- construction
@@ -211,7 +211,7 @@ class DeltaNetwork(nn.Module):
             if isinstance(wrapper, DeltaWrapped):
                 frozen = wrapper.frozen
                 self._pristine[name] = (frozen.weight, frozen.bias)
-                weight, bias = wrapper.per_task[task].merged_weight(frozen)
+                weight, bias = wrapper.delta(task).merged_weight(frozen)
                 frozen.weight = nn.Parameter(weight, requires_grad=False)
                 frozen.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.router.merged = task
@@ -222,7 +222,9 @@ class DeltaNetwork(nn.Module):
         """Put the original weight tensors back: the base is bit-exact again."""
         modules = dict(self._wrappers())
         for name, (weight, bias) in self._pristine.items():
-            frozen = modules[name].frozen
+            wrapper = modules[name]
+            assert isinstance(wrapper, DeltaWrapped)  # merge() recorded only these
+            frozen = wrapper.frozen
             frozen.weight = weight
             frozen.bias = bias
         self._pristine.clear()

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from filelock import FileLock
+from safetensors.torch import save_file
 
 from deltapatch.config import ConfigError, resolve_path, section, state_dir
 from deltapatch.data.sources import BUILTIN_PREFIX, base_eval_data
@@ -83,8 +85,6 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
 
     Existing weights are kept unless `force`: a base model is an identity that patches refer to.
     """
-    import torch
-    from safetensors.torch import save_file
 
     settings = base_settings(params)
     weights = resolve_path(params, settings.weights)

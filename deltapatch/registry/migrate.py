@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow.entities import LoggedModelStatus, Metric, Param, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from deltapatch.errors import RegistryError
 from deltapatch.registry import store
 
@@ -162,7 +167,6 @@ def _adopt(parked: Path, main: store.ProjectStore, report: MigrationReport) -> N
 
 def _merge(parked: Path, main: store.ProjectStore, report: MigrationReport) -> None:
     """Copy everything of the old store (in `parked`) into the main store through MLflow's API."""
-    from mlflow.tracking import MlflowClient
 
     store.register_scheme()
     store.init_store(main.uri)
@@ -186,7 +190,6 @@ class _Merger:
         self.base_versions: dict[int, int] = {}  # old base model version → new (patch tag `base_version`)
 
     def copy_runs(self) -> None:
-        from mlflow.entities import Metric, Param, ViewType
 
         for experiment in self.src.search_experiments(view_type=ViewType.ALL):
             runs = self.src.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=50000)
@@ -211,8 +214,6 @@ class _Merger:
                 self.runs[old] = new
 
     def copy_logged_model(self, model_id: str) -> str:
-        import mlflow
-        from mlflow.entities import LoggedModelStatus
 
         model = self.src.get_logged_model(model_id)
         run_id = self.runs.get(model.source_run_id or "")
@@ -236,7 +237,6 @@ class _Merger:
 
     def copy_model(self, name: str, versions: list[Any], is_base: bool) -> dict[int, int]:
         """Copy every version of registered model `name`; returns old version → new version."""
-        from mlflow.exceptions import MlflowException
 
         try:
             existing = self.dst.search_model_versions(f"name='{name}'")

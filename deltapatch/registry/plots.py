@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from deltapatch.train import EpochRecord
 
-def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
+
+def _pyplot() -> Any:
+    import matplotlib  # lazy: the Agg backend must be chosen before pyplot loads; only plotting needs it
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use above
 
     return plt
 
 
-def learning_curve(history: Sequence[object], path: Path, title: str = "") -> Path:
+def learning_curve(history: Sequence[EpochRecord], path: Path, title: str = "") -> Path:
     """history: EpochRecords (epoch, train_loss, train_acc, val_acc)."""
     plt = _pyplot()
     epochs = [int(r.epoch) for r in history]

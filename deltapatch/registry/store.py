@@ -101,9 +101,15 @@ def artifact_repository(artifact_uri: str, tracking_uri: str | None = None, regi
     Tracking URI a sqlite store → the files beside it (what its server would serve); anything else →
     MLflow's own proxy client (HTTP to the tracking server).
     """
-    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
-    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
-    from mlflow.tracking._tracking_service.utils import get_tracking_uri
+    from mlflow.store.artifact.local_artifact_repo import (
+        LocalArtifactRepository,  # lazy: mlflow takes seconds to import; stack status/down and doctor use only this module's paths
+    )
+    from mlflow.store.artifact.mlflow_artifacts_repo import (
+        MlflowArtifactsRepository,  # lazy: mlflow takes seconds to import; stack status/down and doctor use only this module's paths
+    )
+    from mlflow.tracking._tracking_service.utils import (
+        get_tracking_uri,  # lazy: mlflow takes seconds to import; stack status/down and doctor use only this module's paths
+    )
 
     db = sqlite_path(tracking_uri or get_tracking_uri())
     if db is None:
@@ -119,7 +125,7 @@ def use_uri(uri: str) -> None:
     back, else an exported one would read as "set by the user" to the next project this process opens.
     Some of MLflow's registry code reads the global URI, not its client's (create_model_version).
     """
-    import mlflow
+    import mlflow  # lazy: mlflow takes seconds to import; stack status/down and doctor use only this module's paths
 
     exported = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
@@ -133,7 +139,9 @@ def use_uri(uri: str) -> None:
 
 def register_scheme() -> None:
     """Route ``mlflow-artifacts:`` through :func:`artifact_repository` in this process (idempotent)."""
-    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry
+    from mlflow.store.artifact.artifact_repository_registry import (
+        _artifact_repository_registry,  # lazy: mlflow takes seconds to import; stack status/down and doctor use only this module's paths
+    )
 
     _artifact_repository_registry.register(PROXY_SCHEME, artifact_repository)
 
@@ -151,7 +159,9 @@ def init_store(uri: str) -> None:
 
 def sql_store(uri: str) -> Any:
     """MLflow's SqlAlchemyStore on `uri` with the proxied default artifact root (what the server uses)."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.store.tracking.sqlalchemy_store import (
+        SqlAlchemyStore,  # lazy: mlflow takes seconds to import; stack status/down and doctor use only this module's paths
+    )
 
     return SqlAlchemyStore(uri, PROXIED_ROOT)
 

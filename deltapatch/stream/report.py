@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from deltapatch.stream.runner import StrategyRun, StreamResult
 
@@ -132,11 +134,10 @@ def write_markdown(result: StreamResult, path: Path) -> None:
 def write_plot(result: StreamResult, path: Path) -> None:
     """An accuracy-matrix heatmap per strategy, then base-task accuracy and stored bytes against
     the number of tasks seen."""
-    import matplotlib
+    import matplotlib  # lazy: the Agg backend must be chosen before pyplot loads; only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use above
 
     runs = result.runs
     panels = len(runs) + 2

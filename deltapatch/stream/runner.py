@@ -26,15 +26,27 @@ import torch
 from torch import nn
 
 from deltapatch.baselines.base import folder_bytes, replace_module, split_head
+from deltapatch.bench import BenchSettings
 from deltapatch.config import ConfigError, section
 from deltapatch.data.dataset import Split, TaskData
-from deltapatch.data.sources import capped, resolve_task
+from deltapatch.data.sources import base_eval_data, capped, resolve_task
 from deltapatch.delta.routing import BASE
 from deltapatch.errors import DeltapatchError
+from deltapatch.models.base import load_base
+from deltapatch.models.pretrain import pretrain_base
+from deltapatch.stream import report, tracking
 from deltapatch.stream.metrics import AccuracyMatrix, average_accuracy, backward_transfer, forward_transfer
 from deltapatch.stream.settings import StreamSettings
 from deltapatch.stream.strategies import STRATEGIES, Strategy, StreamContext
-from deltapatch.train import TrainSettings, accuracy, fit, predict_logits
+from deltapatch.train import (
+    Normalizer,
+    TrainSettings,
+    accuracy,
+    apply_threads,
+    fit,
+    predict_logits,
+    resolve_device,
+)
 
 
 @dataclass
@@ -101,10 +113,6 @@ def open_context(params: dict[str, Any], settings: StreamSettings, *,
                  progress: bool) -> tuple[StreamContext, TrainSettings, TaskData]:
     """Load (pre-training if missing) the base model; return the context, the train settings and
     the (capped) base task named after params.yaml base.task."""
-    from deltapatch.data.sources import base_eval_data
-    from deltapatch.models.base import load_base
-    from deltapatch.models.pretrain import pretrain_base
-    from deltapatch.train import Normalizer, apply_threads, resolve_device
 
     train = section(params, "train", TrainSettings)
     apply_threads(train)
@@ -204,7 +212,6 @@ def run_stream(params: dict[str, Any], strategies: list[str] | None = None, task
                epochs: int | None = None, tracking_uri: str | None = None) -> StreamResult:
     """Run every strategy over the stream of task names; write stream.csv/.md/.png; log to MLflow
     when a tracking URI is configured (see deltapatch/stream/tracking.py)."""
-    from deltapatch.bench import BenchSettings
 
     settings = section(params, "stream", StreamSettings).for_run(quick)
     if epochs is not None:
@@ -222,7 +229,6 @@ def run_tasks(params: dict[str, Any], patch_tasks: list[TaskData], settings: Str
               strategies: list[str] | None = None, quick: bool = False, out_dir: Path = Path("stream-results"),
               progress: bool = True, tracking_uri: str | None = None) -> StreamResult:
     """`run_stream` on task data already loaded (the base task is prepended; caps applied here)."""
-    from deltapatch.stream import report, tracking
 
     wall = time.perf_counter()
     names = list(strategies or settings.strategies)

@@ -62,9 +62,16 @@ def metric_series(result: StreamResult) -> list[tuple[str, float, int]]:
 def log_stream(params: dict[str, Any], uri: str, result: StreamResult) -> str:
     """Log `result` to a new run of experiment `stream.experiment`; returns '<uri> run <id>'."""
     disable_telemetry()
-    from mlflow.entities import Metric, Param
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import (  # lazy: mlflow takes seconds to import; used only when a tracking URI is configured
+        Metric,
+        Param,
+    )
+    from mlflow.exceptions import (
+        MlflowException,  # lazy: mlflow takes seconds to import; used only when a tracking URI is configured
+    )
+    from mlflow.tracking import (
+        MlflowClient,  # lazy: mlflow takes seconds to import; used only when a tracking URI is configured
+    )
 
     store.register_scheme()  # mlflow-artifacts: URIs of a sqlite store resolve to the folder beside it
     store.init_store(uri)

@@ -104,14 +104,14 @@ def find_images(top: Path) -> tuple[list[tuple[str, str, str | None]], list[str]
             )
         if not any(d.name == "train" for d in split_dirs):
             raise DatasetError(f"{top}: has {split_dirs[0].name}/ but no train/; add train/<class>/ folders")
-        groups = []
+        groups: list[tuple[Path, str | None]] = []
         for split_dir in split_dirs:
             class_dirs, files = _children(split_dir)
             stray += [f"{split_dir.name}/{f.name}" for f in files]
             groups += [(d, split_dir.name) for d in class_dirs]
     else:
         groups = [(d, None) for d in dirs]
-    candidates = [
+    candidates: list[tuple[str, str, str | None]] = [
         (path.relative_to(top).as_posix(), class_dir.name, split)
         for class_dir, split in groups
         for path in _files_under(class_dir)

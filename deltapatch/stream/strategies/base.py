@@ -104,9 +104,14 @@ class MultiHeadModel(nn.Module):
         self.heads = nn.ModuleDict({BASE: base_head})
 
     def add_head(self, task: str, num_classes: int) -> nn.Linear:
-        base_head = self.heads[BASE]
+        base_head = self.head(BASE)
         head = nn.Linear(base_head.in_features, num_classes).to(base_head.weight.device)
         self.heads[task] = head
+        return head
+
+    def head(self, task: str) -> nn.Linear:
+        head = self.heads[task]
+        assert isinstance(head, nn.Linear)  # add_head puts nothing else here
         return head
 
     def logits(self, x: torch.Tensor, task: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from deltapatch.baselines.base import Forward
@@ -57,7 +58,7 @@ class DeltaPatching(Strategy):
     def forward(self, task: str) -> Forward:
         net = self.net.eval()
 
-        def forward(x):  # type: ignore[no-untyped-def]
+        def forward(x: torch.Tensor) -> torch.Tensor:
             return net(x, tasks=[task] * x.shape[0])  # routes this call only (BASE: the untouched base)
 
         return forward

@@ -17,6 +17,7 @@ import copy
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from deltapatch.data.dataset import TaskData
 from deltapatch.delta.routing import BASE
 from deltapatch.stream.strategies.base import Strategy, StrategySettings
 from deltapatch.train import Trainable
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
@@ -49,22 +53,25 @@ class LoraPerTask(Strategy):
         self.targets = conv_names(backbone)
         self.heads = nn.ModuleDict({BASE: head})
         self.heads.requires_grad_(False)
-        self.peft: nn.Module | None = None  # created with the first task's adapter
+        self.peft: PeftModel | None = None  # created with the first task's adapter
         self.bn_start = bn_statistics(backbone)
         self.saved: set[str] = set()
 
     def prepare(self, data: TaskData) -> Trainable:
-        from peft import LoraConfig, get_peft_model  # heavy import, only when this strategy runs
+        from peft import (  # lazy: peft loads transformers (seconds), only this strategy needs it
+            LoraConfig,
+            get_peft_model,
+        )
 
         self.tasks.append(data.name)
-        config = LoraConfig(r=self.settings.r, lora_alpha=self.settings.lora_alpha,
+        config = LoraConfig(r=self.settings.r, lora_alpha=self.settings.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int; any number works (scale α/r)
                             lora_dropout=self.settings.lora_dropout, target_modules=list(self.targets))
         if self.peft is None:
             self.peft = get_peft_model(self.backbone, config, adapter_name=data.name)
         else:
             self.peft.add_adapter(data.name, config)
         self.peft.set_adapter(data.name)  # trainable; every other adapter frozen
-        head = nn.Linear(self.heads[BASE].in_features, data.num_classes).to(self.context.device)
+        head = nn.Linear(self.head(BASE).in_features, data.num_classes).to(self.context.device)
         self.heads[data.name] = head
         module = _TaskLora(self.peft, head)
         trained = [p for p in self.peft.parameters() if p.requires_grad] + list(head.parameters())
@@ -90,7 +97,9 @@ class LoraPerTask(Strategy):
         return forward
 
     def head(self, task: str) -> nn.Linear:
-        return self.heads[task]  # type: ignore[return-value]
+        head = self.heads[task]
+        assert isinstance(head, nn.Linear)  # prepare puts nothing else here
+        return head
 
     def base_bn_drift(self) -> float:
         """Max |Δ| of the shared BatchNorm running statistics since the start (0 = untouched)."""
