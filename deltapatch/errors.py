@@ -49,6 +49,12 @@ class RegistryError(DeltapatchError):
     retryable = True
 
 
+class RegistryUnreachable(RegistryError):
+    """The MLflow server did not answer (refused or dropped connection, timeout, HTTP 5xx): what a
+    server restart looks like, so the pipeline's registry steps wait for it
+    (:func:`deltapatch.faults.ride_out`) — unlike a refusal, which fails the same way again."""
+
+
 class GateFailed(DeltapatchError):
     """A new patch failed the base-task non-regression gate."""
 

@@ -12,6 +12,7 @@ def _sections():
     from deltapatch.bench import BenchSettings
     from deltapatch.bench_serve import BenchServeSettings
     from deltapatch.data.versioning import DataSettings
+    from deltapatch.faults import FaultSettings
     from deltapatch.gate import GateSettings
     from deltapatch.models.base import BaseSettings
     from deltapatch.models.pretrain import PretrainSettings
@@ -25,7 +26,7 @@ def _sections():
     return {"base": BaseSettings, "pretrain": PretrainSettings, "delta": DeltaSettings, "train": TrainSettings,
             "data": DataSettings, "gate": GateSettings, "stack": StackSettings, "bench": BenchSettings,
             "registry": RegistrySettings, "serve": ServeSettings, "bench_serve": BenchServeSettings,
-            "stream": StreamSettings}
+            "stream": StreamSettings, "faults": FaultSettings}
 
 
 def test_every_section_of_the_shipped_params_yaml_is_known():

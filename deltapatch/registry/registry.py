@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +40,7 @@ from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from deltapatch.config import state_dir
 from deltapatch.delta.patch import META_FILE, TENSORS_FILE, patch_bytes
-from deltapatch.errors import DeltapatchError, RegistryError
+from deltapatch.errors import DeltapatchError, RegistryError, RegistryUnreachable
 from deltapatch.models.base import BaseModel, load_base, sidecar_path
 from deltapatch.registry import plots
 from deltapatch.registry.runtime import Predictor
@@ -94,11 +95,22 @@ def _wrap_errors(func: F) -> F:
         except DeltapatchError:
             raise
         except MlflowException as exc:
+            if _unreachable(exc):
+                raise RegistryUnreachable(f"MLflow did not answer {func.__name__}: {_first_line(exc)}") from None
             raise RegistryError(f"MLflow refused {func.__name__}: {_first_line(exc)}") from None
-        except (OSError, ConnectionError) as exc:
-            raise RegistryError(f"MLflow I/O failed during {func.__name__} (server unreachable or artifact store not writable): {_first_line(exc)}") from None
+        except OSError as exc:
+            kind = RegistryUnreachable if isinstance(exc, (ConnectionError, TimeoutError)) else RegistryError
+            raise kind(f"MLflow I/O failed during {func.__name__} (server unreachable or artifact store not writable): {_first_line(exc)}") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _unreachable(exc: Exception) -> bool:
+    """An MlflowException of the REST client that says the server did not answer (connection refused
+    or dropped after MLflow's own retries, a timeout, an HTTP 5xx) rather than refused the request."""
+    text = str(exc)
+    return text.startswith("API request to") and ("failed with exception" in text or "timeout" in text
+                                                   or re.search(r"failed with error code 5\d\d", text) is not None)
 
 
 def _client(params: dict[str, Any]) -> MlflowClient:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deltapatch.config import section, state_dir
-from deltapatch.errors import RegistryError
+from deltapatch.errors import RegistryError, RegistryUnreachable
 from deltapatch.registry import store
 
 STACK_FILE = Path("stack") / "stack.json"
@@ -113,7 +113,7 @@ def check_reachable(uri: str, settings: RegistrySettings) -> None:
             return
         if attempt < settings.retries:
             time.sleep(settings.retry_delay_s * attempt)
-    raise RegistryError(
+    raise RegistryUnreachable(
         f"MLflow at {uri} is unreachable (no answer to /health after {settings.retries} tries)",
         hint="start it (`deltapatch stack up` repairs a partly running stack), fix MLFLOW_TRACKING_URI, or "
              "unset it to use the project's registry file",
