@@ -18,11 +18,13 @@ import httpx
 import torch
 
 from deltapatch import stack
+from deltapatch.automations import zombie_automation_state
 from deltapatch.bench import BenchSettings
 from deltapatch.config import STATE_DIR, ConfigError, load_params, resolve_path, section, state_dir
 from deltapatch.data.sources import base_eval_data
 from deltapatch.data.versioning import check_remote, data_settings
 from deltapatch.errors import DeltapatchError
+from deltapatch.faults import fault_settings
 from deltapatch.gate import gate_settings
 from deltapatch.models.base import base_settings, load_base, sidecar_path
 from deltapatch.models.pretrain import PretrainSettings, is_embedded_base
@@ -53,6 +55,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "stack": stack.stack_settings,
     "bench": lambda p: section(p, "bench", BenchSettings),
     "registry": tracking.registry_settings,
+    "faults": fault_settings,
 }
 
 
@@ -152,9 +155,12 @@ def check_prefect(params: dict[str, Any]) -> Check:
     except httpx.HTTPError as exc:
         return Check("prefect", FAIL, f"{api} unreachable ({exc})", "`deltapatch stack up`, or fix PREFECT_API_URL")
     online = [w["name"] for w in workers if w.get("status") == "ONLINE"]
-    detail = f"{len(found)}/{len(stack.DEPLOYMENTS)} deployments, pool '{pool}': {len(online)} worker(s) online"
-    if len(found) < len(stack.DEPLOYMENTS) or not online:
-        return Check("prefect", FAIL, detail, "`deltapatch stack up` (serves the flows and starts a worker)")
+    guarded, guard = zombie_automation_state(api, fault_settings(params))
+    detail = (f"{len(found)}/{len(stack.DEPLOYMENTS)} deployments, pool '{pool}': {len(online)} worker(s) online; "
+              f"zombie automation: {guard}")
+    if len(found) < len(stack.DEPLOYMENTS) or not online or not guarded:
+        return Check("prefect", FAIL, detail, "`deltapatch stack up` (serves the flows, starts a worker, repairs "
+                                              "the zombie automation)")
     return Check("prefect", OK, detail)
 
 

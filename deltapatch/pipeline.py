@@ -35,6 +35,7 @@ from deltapatch.data.versioning import VersioningError, pull_data, push_data, ta
 from deltapatch.delta.patch import read_patch_meta
 from deltapatch.errors import DatasetError, DeltapatchError, GateFailed
 from deltapatch.evaluate import BaseCheck
+from deltapatch.faults import checkpoint_dir, ride_out, training_key
 from deltapatch.gate import Champion, GateResult, run_gate
 from deltapatch.inbox import in_inbox, release
 from deltapatch.models.pretrain import ensure_base
@@ -98,9 +99,11 @@ def version_step(params: dict[str, Any], ingested: dict[str, Any]) -> dict[str, 
 # ------------------------------------------------------------------------------------------- train
 
 
-def checkpoint_path(params: dict[str, Any], task: str, manifest_sha256: str) -> Path:
-    """``.deltapatch/checkpoints/<task>-<data hash>.pt``: same task + same data → same checkpoint."""
-    return state_dir(params) / "checkpoints" / f"{task}-{manifest_sha256[:16]}.pt"
+def checkpoint_path(params: dict[str, Any], task: str, manifest_sha256: str, epochs: int | None = None) -> Path:
+    """``<faults.checkpoint_dir>/<task>-<training key>.pt``: only the same training (task, data, recipe,
+    base: :func:`deltapatch.faults.training_key`) ever resumes from it."""
+    key = training_key(params, task, manifest_sha256, epochs)
+    return checkpoint_dir(params) / f"{task}-{key.removeprefix('train-')[:16]}.pt"
 
 
 def patch_out_dir(params: dict[str, Any], task: str, manifest_sha256: str) -> Path:
@@ -113,7 +116,8 @@ def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[st
                manifest_sha256: str | None = None, epochs: int | None = None, progress: bool = False,
                out_dir: str | os.PathLike[str] | None = None,
                on_epoch: Callable[[EpochRecord], None] | None = None) -> dict[str, Any]:
-    """Train the task's Δ-patch; checkpoints every epoch and resumes from it when run again.
+    """Train the task's Δ-patch; checkpoints every epoch (:func:`checkpoint_path`) and resumes from it
+    when run again — on any worker that can read ``faults.checkpoint_dir``.
 
     Returns a JSON-able dict with the metrics and the patch files themselves (base64; a patch is a few
     hundred kB at most), so a worker on another machine can hand the patch back through Prefect's
@@ -123,7 +127,7 @@ def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[st
     if not (task_dir / "manifest.csv").is_file():  # a worker on another machine: fetch the data
         pull_data(params)
     sha = manifest_sha256 or file_sha256(task_dir / "manifest.csv")
-    ckpt = checkpoint_path(params, task, sha)
+    ckpt = checkpoint_path(params, task, sha, epochs)
     out = Path(out_dir) if out_dir else patch_out_dir(params, task, sha)
     data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=task)
     started = time.perf_counter()
@@ -139,6 +143,8 @@ def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[st
                        "base_acc": result.base_check.base_acc,
                        "pristine_acc": result.base_check.pristine_acc},
         "resumed_from_epoch": result.fit.resumed_from_epoch,
+        "checkpoint": str(ckpt),
+        "training_key": training_key(params, task, sha, epochs),
         "epochs_run": len(result.fit.history),
         "history": [dataclasses.asdict(r) for r in result.fit.history],
         "device": _device_name(params),
@@ -188,27 +194,33 @@ def champions(params: dict[str, Any], exclude: str | None = None, *, dst: str | 
 
 
 def gate_step(params: dict[str, Any], task: str, patch_dir: str | os.PathLike[str],
-              session: PatchSession | None = None) -> GateResult:
-    """Run the non-regression gate against the currently promoted patches; returns a GateResult."""
+              session: PatchSession | None = None, say: Callable[[str], None] | None = None) -> GateResult:
+    """Run the non-regression gate against the currently promoted patches; returns a GateResult.
+    Reading them from the registry rides out an MLflow restart (``faults.outage_window_s``)."""
     # The champions' files are read into the network by run_gate; the downloads go when it returns.
     with tempfile.TemporaryDirectory(prefix="deltapatch-champions-") as tmp:
-        return run_gate(params, session, task, Path(patch_dir), champions(params, exclude=task, dst=tmp))
+        promoted = ride_out(lambda: champions(params, exclude=task, dst=tmp), params, "reading the promoted patches",
+                            say)
+        return run_gate(params, session, task, Path(patch_dir), promoted)
 
 
 # ---------------------------------------------------------------------------------------- registry
 
 
 def register_step(params: dict[str, Any], trained: dict[str, Any], gate: GateResult | dict[str, Any],
-                  data_version: str) -> dict[str, Any]:
-    """Log the MLflow run and register the version (tagged gate=failed when the gate failed)."""
+                  data_version: str, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Log the MLflow run and register the version (tagged gate=failed when the gate failed). Each of
+    the two calls rides out an MLflow restart on its own, so a retry never logs the run twice."""
     patch_dir = materialise_patch(params, trained)
     result = _patch_result(trained, patch_dir)
     gate_dict = gate.as_dict() if isinstance(gate, GateResult) else dict(gate)
     task_dir = tasks_dir(params) / trained["task"]
     data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=trained["task"]) \
         if (task_dir / "manifest.csv").is_file() else None
-    run_id = registry.log_patch_run(params, result, data=data, gate=gate_dict, data_version=data_version)
-    version = registry.register_patch(params, run_id, result, gate_dict, data_version)
+    run_id = ride_out(lambda: registry.log_patch_run(params, result, data=data, gate=gate_dict, data_version=data_version),
+                      params, "logging the MLflow run", say)
+    version = ride_out(lambda: registry.register_patch(params, run_id, result, gate_dict, data_version), params,
+                       "registering the patch", say)
     return {"task": trained["task"], "version": str(version), "run_id": run_id,
             "gate_passed": bool(gate_dict["passed"]), "mlflow_url": mlflow_link(params, trained["task"], version)}
 
@@ -222,8 +234,11 @@ def _patch_result(trained: dict[str, Any], patch_dir: Path) -> PatchResult:
     return PatchResult(trained["task"], patch_dir, meta, fit, check, dict(trained["metrics"]))
 
 
-def promote_step(params: dict[str, Any], task: str, version: str, reason: str = "") -> dict[str, Any]:
-    return registry.promote(params, task, version, reason or "passed the non-regression gate")
+def promote_step(params: dict[str, Any], task: str, version: str, reason: str = "",
+                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Promote `version` to champion; rides out an MLflow restart (``faults.outage_window_s``)."""
+    return ride_out(lambda: registry.promote(params, task, version, reason or "passed the non-regression gate"),
+                    params, "promoting", say)
 
 
 def mlflow_link(params: dict[str, Any], task: str, version: int | str) -> str:

@@ -5,7 +5,10 @@
 - ``rollback-patch/rollback-patch``: served, run on demand.
 - ``train-patch/gpu``: on the work pool ``gpu`` (type process; concurrency = one run per GPU), built
   with ``flow.from_source(<code folder>, "flows/patch_task.py:train_patch_flow").deploy(...)`` and
-  picked up by ``prefect worker start --pool gpu`` on each GPU machine.
+  picked up by ``prefect worker start --pool gpu`` on each GPU machine. Its runs carry the tag
+  ``deltapatch-heartbeat`` and, through the deployment's job variables, the environment of
+  :func:`deltapatch.faults.training_run_env` (heartbeats on): whichever worker runs them, the stack's
+  zombie automation (:mod:`deltapatch.automations`) sees a dead one within ``faults.zombie_after_seconds``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate  # noq
 from prefect.events import DeploymentEventTrigger  # noqa: E402
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound  # noqa: E402
 
+from deltapatch.automations import HEARTBEAT_TAG  # noqa: E402
+from deltapatch.config import load_params  # noqa: E402
+from deltapatch.faults import training_run_env  # noqa: E402
 from deltapatch.inbox import ARRIVED_EVENT, TASK_NAME_LABEL, TASK_RESOURCE_PREFIX  # noqa: E402
 from flows.patch_task import patch_task_flow, rollback_patch_flow, train_patch_flow  # noqa: E402
 
@@ -71,9 +77,11 @@ def deploy_training(project: str, pool: str = "gpu", code_root: Path | None = No
     source = Path(code_root or Path(__file__).resolve().parent.parent)
     remote = train_patch_flow.from_source(source=str(source), entrypoint="flows/patch_task.py:train_patch_flow")
     assert isinstance(remote, Flow)  # called from sync code, Prefect's sync/async API returns the flow itself
+    env = training_run_env(load_params(Path(project)))
     return remote.deploy(name=TRAIN_DEPLOYMENT_NAME, work_pool_name=pool, parameters={"project": project},
                          description="Train one Δ-patch (device auto: CUDA + AMP when present).",
-                         tags=["deltapatch", "gpu"], build=False, push=False, print_next_steps=False)
+                         tags=["deltapatch", "gpu", HEARTBEAT_TAG], job_variables={"env": env},
+                         build=False, push=False, print_next_steps=False)
 
 
 def served_deployments(project: str) -> list[Any]:

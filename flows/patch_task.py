@@ -7,6 +7,7 @@ The flows only orchestrate: every step is a call into :mod:`deltapatch.pipeline`
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ disable_telemetry()  # first: MLflow (imported with deltapatch.pipeline) reads i
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.runtime import flow_run, task_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from deltapatch import pipeline  # noqa: E402
-from deltapatch.errors import DatasetError, DeltapatchError, retryable  # noqa: E402
+from deltapatch import faults, pipeline, pool  # noqa: E402
+from deltapatch.data.ingest import file_sha256  # noqa: E402
+from deltapatch.errors import DatasetError, retryable  # noqa: E402
 from deltapatch.gate import GateResult  # noqa: E402
 
 
@@ -35,9 +38,23 @@ def retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+def training_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """Cache key of the training tasks: faults.training_key (task, data content, recipe, base) and the
+    project. A finished training is reused — a retried or resubmitted arrival is not trained again."""
+    try:
+        params = pipeline.project_params(parameters.get("project"))
+        sha = parameters.get("manifest_sha256") or file_sha256(Path(parameters["task_dir"]) / "manifest.csv")
+        key = faults.training_key(params, parameters["task_name"], sha, parameters.get("epochs"))
+    except Exception:  # noqa: BLE001 — no key (e.g. the data is not here yet): the task runs, uncached
+        return None
+    project = hashlib.sha256(str(pipeline.project_root(params).resolve()).encode()).hexdigest()[:8]
+    return f"deltapatch-{key}-{project}"
+
+
 TRAIN_DEPLOYMENT = "train-patch/gpu"
 NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
                        retry_condition_fn=retry_if_retryable)
+TRAINING_CACHE = dict(cache_key_fn=training_cache_key, persist_result=True)
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -65,10 +82,11 @@ def version_task(project: str | None, ingested: dict[str, Any]) -> dict[str, Any
 
 
 @task(name="train-delta-patch", task_run_name="train {task_name}", retries=2, retry_delay_seconds=1,
-      retry_condition_fn=retry_if_retryable)
+      retry_condition_fn=retry_if_retryable, **TRAINING_CACHE)
 def train_task(project: str | None, task_name: str, task_dir: str, data_version: str, manifest_sha256: str,
-               epochs: int | None = None) -> dict[str, Any]:
-    """Checkpoints every epoch; a retry resumes from the last finished epoch."""
+               epochs: int | None = None, attempt: int = 1) -> dict[str, Any]:
+    """Checkpoints every epoch; a retry (here, or a new run of the pool's deployment) resumes from the
+    last finished epoch when the checkpoint is reachable, and says so when it is not."""
     params = pipeline.project_params(project)
     logger = get_run_logger()
 
@@ -79,53 +97,50 @@ def train_task(project: str | None, task_name: str, task_dir: str, data_version:
     trained = pipeline.train_step(params, task_name, task_dir, data_version, manifest_sha256=manifest_sha256,
                                   epochs=epochs, on_epoch=on_epoch)
     if trained["resumed_from_epoch"]:
-        logger.info("resumed from the checkpoint after epoch %d", trained["resumed_from_epoch"])
+        logger.info("resumed from the checkpoint after epoch %d (%s)", trained["resumed_from_epoch"], trained["checkpoint"])
+    elif attempt > 1:
+        logger.warning("attempt %d started from epoch 1: no checkpoint of the earlier attempt was reachable at %s "
+                       "(faults.checkpoint_dir must be a folder every GPU worker reaches)", attempt, trained["checkpoint"])
+    trained["flow_run_id"] = str(flow_run.id or "")
+    trained["attempt"] = attempt
     return trained
 
 
-@task(name="train-on-gpu-pool", task_run_name="train {task_name} on the gpu pool", retries=1, retry_delay_seconds=2,
-      retry_condition_fn=retry_if_retryable)
+@task(name="train-on-gpu-pool", task_run_name="train {task_name} on the gpu pool", **TRAINING_CACHE)
 def train_on_pool_task(project: str | None, task_name: str, task_dir: str, data_version: str,
                        manifest_sha256: str, epochs: int | None = None) -> dict[str, Any]:
-    """Run the `train-patch/gpu` deployment and wait; a retry starts a new run that resumes."""
-    from prefect.deployments import run_deployment
-
+    """Run the `train-patch/gpu` deployment and wait (bounded); a crashed run is followed by a new one
+    that resumes from the checkpoint (deltapatch.pool). Returns the training result with ``attempts``."""
     logger = get_run_logger()
-    run = run_deployment(TRAIN_DEPLOYMENT, parameters=dict(project=project, task_name=task_name, task_dir=task_dir,
-                                                           data_version=data_version, manifest_sha256=manifest_sha256,
-                                                           epochs=epochs),
-                         timeout=None, poll_interval=2, flow_run_name=f"train-{task_name}")
-    logger.info("training run %s ended %s", run.name, run.state.name if run.state else "?")
-    if run.state is not None and run.state.is_failed():
-        try:  # the training's own error, when Prefect kept it: a configuration error is not retried
-            run.state.result()
-        except DeltapatchError:
-            raise
-        except Exception:  # noqa: BLE001 — not readable here: report the state below (retried)
-            pass
-    if run.state is None or not run.state.is_completed():
-        raise RuntimeError(f"training run {run.name} ended {run.state.name if run.state else 'without a state'}: "
-                           f"{run.state.message if run.state else ''}")
-    return run.state.result()
+    params = pipeline.project_params(project)
+    done = pool.train_on_pool(params, TRAIN_DEPLOYMENT,
+                              dict(project=project, task_name=task_name, task_dir=task_dir, data_version=data_version,
+                                   manifest_sha256=manifest_sha256, epochs=epochs),
+                              say=logger.info, warn=logger.warning,
+                              idempotency_prefix=f"{task_run.id}:{task_run.run_count}")
+    return {**done.trained, "attempts": [a.as_dict() for a in done.attempts]}
 
 
 @task(name="non-regression-gate", task_run_name="gate {task_name}")
 def gate_task(project: str | None, task_name: str, trained: dict[str, Any]) -> dict[str, Any]:
     params = pipeline.project_params(project)
+    logger = get_run_logger()
     patch_dir = pipeline.materialise_patch(params, trained)
-    result = pipeline.gate_step(params, task_name, patch_dir)
-    get_run_logger().info(result.message)
+    result = pipeline.gate_step(params, task_name, patch_dir, say=logger.warning)
+    logger.info(result.message)
     return result.as_dict()
 
 
-@task(name="register-in-mlflow", **NETWORK_RETRIES)
+# The registry steps ride out an MLflow restart themselves (faults.outage_window_s, pipeline.ride_out).
+@task(name="register-in-mlflow")
 def register_task(project: str | None, trained: dict[str, Any], gate: dict[str, Any], data_version: str) -> dict[str, Any]:
-    return pipeline.register_step(pipeline.project_params(project), trained, GateResult.from_dict(gate), data_version)
+    return pipeline.register_step(pipeline.project_params(project), trained, GateResult.from_dict(gate), data_version,
+                                  say=get_run_logger().warning)
 
 
-@task(name="promote", **NETWORK_RETRIES)
+@task(name="promote")
 def promote_task(project: str | None, task_name: str, version: str) -> dict[str, Any]:
-    return pipeline.promote_step(pipeline.project_params(project), task_name, version)
+    return pipeline.promote_step(pipeline.project_params(project), task_name, version, say=get_run_logger().warning)
 
 
 # ------------------------------------------------------------------------------------------- flows
@@ -133,28 +148,13 @@ def promote_task(project: str | None, task_name: str, version: str) -> dict[str,
 
 @flow(name="train-patch", flow_run_name="train-{task_name}", persist_result=True)
 def train_patch_flow(task_name: str, task_dir: str, data_version: str = "", manifest_sha256: str = "",
-                     epochs: int | None = None, project: str | None = None) -> dict[str, Any]:
-    """The GPU step: train one Δ-patch (device auto: CUDA + AMP when present, else CPU)."""
-    return train_task(project, task_name, task_dir, data_version, manifest_sha256 or None, epochs)
-
-
-def _pool_available() -> bool:
-    """True when the training deployment exists and a worker of its pool is online."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name(TRAIN_DEPLOYMENT)
-            workers = client.read_workers_for_work_pool(deployment.work_pool_name or "gpu")
-    except (ObjectNotFound, Exception):  # no server, ephemeral API, no deployment
-        return False
-    return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
+                     epochs: int | None = None, project: str | None = None, attempt: int = 1) -> dict[str, Any]:
+    """The GPU step: train one Δ-patch (device auto: CUDA + AMP when present, else CPU). `attempt` > 1:
+    a new run after a crashed one (its parent counts them), which resumes from the checkpoint."""
+    return train_task(project, task_name, task_dir, data_version, manifest_sha256 or None, epochs, attempt)
 
 
 def _run_name() -> str:
-    from prefect.runtime import flow_run
-
     params = flow_run.parameters or {}
     return f"patch-{params.get('task_name') or Path(str(params.get('path', 'task'))).name}"
 
@@ -194,17 +194,27 @@ def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | N
     logger.info("ingested '%s' (%s): data version %s", name, ingested["status"], ingested["data_version"])
     version_task(project, ingested)
     args = (project, name, ingested["task_dir"], ingested["data_version"], ingested["manifest_sha256"], epochs)
-    use_pool = train_on == "pool" or (train_on == "auto" and _pool_available())
+    use_pool = train_on == "pool" or (train_on == "auto" and pool.pool_available(pipeline.project_params(project),
+                                                                                 TRAIN_DEPLOYMENT))
     if use_pool:
-        trained = train_on_pool_task(*args)
+        state = train_on_pool_task(*args, return_state=True)
+        trained = state.result()
+        reused = state.name == "Cached"  # a finished training of the same key: not run again
     else:
-        trained = train_patch_flow(task_name=name, task_dir=ingested["task_dir"], data_version=ingested["data_version"],
-                                   manifest_sha256=ingested["manifest_sha256"], epochs=epochs, project=project)
-    logger.info("trained on %s: patch accuracy %.3f", trained.get("device"), trained["metrics"]["patch_acc"])
-    preface = ""
+        state = train_patch_flow(task_name=name, task_dir=ingested["task_dir"], data_version=ingested["data_version"],
+                                 manifest_sha256=ingested["manifest_sha256"], epochs=epochs, project=project,
+                                 return_state=True)
+        trained = state.result()
+        reused = trained.get("flow_run_id") != str(state.state_details.flow_run_id)  # its training task was cached
+    attempts = [] if reused else [pool.TrainingAttempt(**a) for a in trained.get("attempts", [])]
+    training = pool.training_note(trained, attempts, reused)
+    logger.info("trained on %s: patch accuracy %.3f. %s", trained.get("device"), trained["metrics"]["patch_acc"],
+                training.splitlines()[0])
+    preface = f"{training}\n\n"
     if ingested["status"] == "unchanged":
+        again = "its finished training was reused" if reused else "the patch was retrained on it"
         preface = (f"The dataset is an exact duplicate of this task's data version {ingested['data_version']}: "
-                   "nothing new was versioned, the patch was retrained on it.\n\n")
+                   f"nothing new was versioned, {again}.\n\n{preface}")
     # The gate → register → promote sequence is pipeline.finish; each step runs as this flow's task.
     steps = pipeline.FinishSteps(
         gate=lambda task_name, patch: GateResult.from_dict(gate_task(project, task_name, patch)),
@@ -221,6 +231,8 @@ def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | N
     result = outcome.as_dict()
     result["device"] = trained.get("device")
     result["resumed_from_epoch"] = trained.get("resumed_from_epoch", 0)
+    result["training_reused"] = reused
+    result["training_attempts"] = [a.as_dict() for a in attempts]
     return result
 
 

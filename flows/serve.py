@@ -1,5 +1,6 @@
-"""Process entry that `deltapatch stack up` starts: set up the gpu pool and the training deployment,
-then serve `patch-task` (event-triggered) and `rollback-patch` until stopped.
+"""Process entry that `deltapatch stack up` starts: set up the gpu pool, the training deployment and the
+automation that crashes its zombie runs, then serve `patch-task` (event-triggered) and
+`rollback-patch` until stopped.
 
     python -m flows.serve --project /path/to/project [--pool gpu] [--limit 4]
 """
@@ -15,8 +16,12 @@ from deltapatch.telemetry import disable_telemetry
 disable_telemetry()  # first: Prefect and MLflow read their opt-outs when imported
 
 from prefect import serve  # noqa: E402
+from prefect.settings import PREFECT_API_URL  # noqa: E402
 
+from deltapatch.automations import ensure_zombie_automation  # noqa: E402
 from deltapatch.config import load_params, project_root  # noqa: E402
+from deltapatch.errors import DeltapatchError  # noqa: E402
+from deltapatch.faults import fault_settings  # noqa: E402
 from deltapatch.stack import stack_settings  # noqa: E402
 from flows.deployments import deploy_training, ensure_pool, pool_concurrency, served_deployments  # noqa: E402
 
@@ -34,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     pool = args.pool or settings.gpu_pool
     ensure_pool(pool, pool_concurrency(settings.pool_concurrency))
     deploy_training(project, pool)
+    try:  # `stack up` ensures it too (and reports a failure); serving must not depend on it
+        guard = ensure_zombie_automation(str(PREFECT_API_URL.value()).rstrip("/"), fault_settings(params))
+        print(f"zombie automation {guard.action}: {guard.detail}", flush=True)
+    except DeltapatchError as exc:
+        print(f"WARNING: could not set up the zombie automation: {exc}", flush=True)
     serve(*served_deployments(project), limit=args.limit, pause_on_shutdown=False, print_starting_message=True)
 
 

@@ -200,6 +200,9 @@ def _print_status(info: dict[str, Any]) -> None:
     for name, p in info["processes"].items():
         state = "[green]healthy[/]" if p["healthy"] else "[yellow]running[/]" if p["running"] else "[red]stopped[/]"
         table.add_row(name, str(p["pid"]), state, p["detail"], p["log"])
+    for name, a in info.get("automations", {}).items():
+        state = "[green]healthy[/]" if a["healthy"] else "[red]missing[/]"
+        table.add_row(f"{name} automation", "-", state, a["detail"], "")
     console.print(table)
     urls = info["urls"]
     console.print(f"Prefect UI: {urls['prefect_url']}\nMLflow UI:  {urls['mlflow_url']}")

@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from deltapatch.automations import zombie_automation_state
+from deltapatch.faults import fault_settings
 from deltapatch.stack.processes import _http_ok, is_running
 from deltapatch.stack.settings import (
     DEPLOYMENTS,
@@ -67,7 +69,14 @@ def status(params: dict[str, Any]) -> dict[str, Any]:
         out["processes"][name] = {"pid": entry["pid"], "running": running, "healthy": healthy,
                                   "detail": detail, "log": entry["log"]}
         out["running"] = out["running"] or running
+    if out["processes"].get("prefect", {}).get("healthy"):
+        out["automations"] = {"zombie": _zombie_guard_state(params)}
     return out
+
+
+def _zombie_guard_state(params: dict[str, Any]) -> dict[str, Any]:
+    healthy, detail = zombie_automation_state(urls(params)["prefect_api_url"], fault_settings(params))
+    return {"healthy": healthy, "detail": detail}
 
 
 def mlflow_running(params: dict[str, Any]) -> bool:

@@ -9,7 +9,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from deltapatch.automations import ensure_zombie_automation
 from deltapatch.config import ConfigError, project_root, state_dir
+from deltapatch.errors import DeltapatchError
+from deltapatch.faults import fault_settings
 from deltapatch.registry.store import check_single_store, init_store, project_store
 from deltapatch.registry.tracking import external_registry
 from deltapatch.stack.health import _health, status
@@ -76,6 +79,7 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
     try:
         start(["prefect", "mlflow"])
         start(["worker", "deployments", "watcher", "serve"])
+        _ensure_zombie_guard(params, say)
     except BaseException:
         say("start-up failed: stopping what was started")
         down(params)
@@ -112,9 +116,20 @@ def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], N
     if kept:
         listed = ", ".join(f"{n} (pid {entries[n]['pid']})" for n in kept)
         say(f"kept running: {listed}")
+    _ensure_zombie_guard(params, say)
     info = status(params)
     info["started"], info["kept"] = dead, kept
     return info
+
+
+def _ensure_zombie_guard(params: dict[str, Any], say: Callable[[str], None]) -> None:
+    """The automation that crashes training runs whose worker died (deltapatch.automations):
+    created, or repaired when deleted, edited or disabled — like a stopped process."""
+    try:
+        found = ensure_zombie_automation(urls(params)["prefect_api_url"], fault_settings(params))
+    except DeltapatchError as exc:
+        raise StackError(f"could not set up the zombie automation: {exc}") from exc
+    say(f"zombie automation {found.action}: {found.detail}")
 
 
 def _wait_port_free(host: str, port: int, timeout: float) -> None:

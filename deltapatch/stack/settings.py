@@ -12,6 +12,7 @@ from typing import Any
 import deltapatch
 from deltapatch.config import project_root, section, state_dir
 from deltapatch.errors import DeltapatchError
+from deltapatch.faults import prefect_client_env
 from deltapatch.registry.tracking import external_registry, registry_settings
 from deltapatch.telemetry import QUIETED_MARKER, TELEMETRY_OFF
 
@@ -140,6 +141,7 @@ def process_env(params: dict[str, Any], state: dict[str, Any] | None = None) -> 
         "DELTAPATCH_PROJECT": str(root),
         "PYTHONUNBUFFERED": "1",
     })
+    env.update(prefect_client_env(params))  # Prefect clients ride out a server restart (faults.outage_window_s)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_root()), path) if p)
     return env

@@ -1,5 +1,6 @@
 """The patch-task flow in-process under a real Prefect API (prefect_test_harness) and a real MLflow
-sqlite registry in the project: happy path, bad dataset, crash + resume, failed gate."""
+sqlite registry in the project: happy path, bad dataset, crash + resume, failed gate, a resubmitted
+arrival that reuses its finished training."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ from typing import Any
 import pytest
 
 from deltapatch import pipeline
+from deltapatch.faults import training_key
 from deltapatch.pipeline import checkpoint_path
 from tests.flows.conftest import new_project, write_task
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "isolated_env")
+
+
+@pytest.fixture(autouse=True)
+def own_result_storage(tmp_path: Path) -> Any:
+    """Each test its own Prefect result storage: the training tasks are cached on their training key,
+    which an earlier session with the same --basetemp (same project paths, same data) would match."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        yield
 
 
 def _run(params: dict[str, Any], path: Path, task: str | None = None, **kw: Any) -> Any:
@@ -70,7 +82,8 @@ def test_flow_registers_and_promotes_then_failed_gate_keeps_champion(base_projec
     assert registry.champions(params)["shapes"]["version"] == 1  # the serving version is untouched
     assert "gate failed" in _artifact("shapes", state)
 
-    # The same data again: nothing new to version, retrained; the report says so before the gate's words.
+    # The same data again: nothing new to version, its finished training reused; the report says so
+    # before the gate's words.
     state = _run(params, write_task(tmp_path / "src3", "shapes", seed=1), "shapes")
     assert state.is_failed() and "version 3 registered as failed" in state.message
     report = _artifact("shapes", state)
@@ -96,34 +109,43 @@ class InjectedCrash(RuntimeError):
     """The training fault this test injects (a RuntimeError: retried, as a crashed worker would be)."""
 
 
-def test_training_crash_is_retried_and_resumes_from_checkpoint(base_project, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    params = new_project(base_project, tmp_path / "project", {"train": {"epochs": 2}})
+def _count_and_crash(monkeypatch: pytest.MonkeyPatch, crash_after_epoch: int | None = None) -> dict[str, list[int]]:
+    """Wrap pipeline.train_step (what the flow's training task calls): record every epoch trained and,
+    once, raise right after `crash_after_epoch` has been checkpointed — the training process dying there."""
+    seen: dict[str, list[int]] = {"calls": [], "epochs": [], "crashed_after": []}
     real_train_step = pipeline.train_step
-    calls: list[int] = []  # one entry per training attempt; the epochs whose end raised
 
-    def crashing_train_step(*args: Any, on_epoch: Any = None, **kwargs: Any) -> dict[str, Any]:
-        """The flow's own training step, with an on_epoch callback that raises after epoch 1 of the
-        first attempt only (the checkpoint of that epoch is already written when it runs)."""
-        attempt = len(calls)
-        calls.append(attempt)
+    def train_step(*args: Any, on_epoch: Any = None, **kwargs: Any) -> dict[str, Any]:
+        seen["calls"].append(1)
 
         def hook(record: Any) -> None:
+            seen["epochs"].append(record.epoch)
             if on_epoch is not None:
                 on_epoch(record)
-            if attempt == 0 and record.epoch == 1:
-                raise InjectedCrash("injected training crash after epoch 1")
+            if record.epoch == crash_after_epoch and not seen["crashed_after"]:
+                seen["crashed_after"].append(record.epoch)
+                raise InjectedCrash(f"injected by the test: the training died after epoch {record.epoch}")
 
         return real_train_step(*args, on_epoch=hook, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train_step", crashing_train_step)
+    monkeypatch.setattr(pipeline, "train_step", train_step)
+    return seen
+
+
+def test_training_crash_is_retried_and_resumes_from_checkpoint(base_project, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    params = new_project(base_project, tmp_path / "project", {"train": {"epochs": 2}})
+    seen = _count_and_crash(monkeypatch, crash_after_epoch=1)
     src = write_task(tmp_path / "src", "glyphs")
     state = _run(params, src, "glyphs")
     assert state.is_completed(), state.message
-    assert calls == [0, 1], "the first attempt crashed and the task was retried once"
+    assert len(seen["calls"]) == 2, "the first attempt crashed and the task was retried once"
     out = state.result()
-    assert out["resumed_from_epoch"] == 1  # the retry continued after the crashed attempt's epoch 1
+    assert seen["crashed_after"] == [1], "the fault was injected"
+    assert seen["epochs"] == [1, 2], "the retry trained epoch 2 only: it resumed from the checkpoint"
+    assert out["resumed_from_epoch"] == 1
     assert out["status"] == "promoted"
+    assert "resumed after epoch 1" in _artifact("glyphs", state)
     from deltapatch.data.ingest import file_sha256
 
     manifest = Path(params["_root"]) / "data" / "tasks" / "glyphs" / "manifest.csv"
@@ -147,3 +169,27 @@ def test_pipeline_without_prefect_promotes_then_registers_a_failed_gate(base_pro
     versions = {v["version"]: v for v in _versions(params, "shapes")}
     assert versions[2]["gate"] == "failed" and not versions[2]["aliases"]
     assert registry.champions(params)["shapes"]["version"] == 1
+
+
+def test_resubmitted_arrival_reuses_its_finished_training(base_project, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    params = new_project(base_project, tmp_path / "project")
+    seen = _count_and_crash(monkeypatch)
+    first = _run(params, write_task(tmp_path / "src", "shapes"), "shapes")
+    assert first.is_completed(), first.message
+    again = _run(params, write_task(tmp_path / "again", "shapes"), "shapes")  # the same dataset, submitted again
+    assert again.is_completed(), again.message
+    assert len(seen["calls"]) == 1, "the second arrival trained again"
+    out = again.result()
+    assert out["training_reused"] and not first.result()["training_reused"]
+    assert out["metrics"] == first.result()["metrics"]
+    report = _artifact("shapes", again)
+    assert "reused the finished training" in report and "exact duplicate" in report
+
+    # The key that caches it: another recipe, data or epoch count is another training (not reused).
+    sha = "0" * 64
+    key = training_key(params, "shapes", sha)
+    assert key == training_key(pipeline.project_params(params["_root"]), "shapes", sha)
+    other_lr = {**params, "train": {**params["train"], "lr": params["train"]["lr"] * 2}}
+    assert key != training_key(other_lr, "shapes", sha)
+    assert key != training_key(params, "shapes", "1" * 64) and key != training_key(params, "shapes", sha, epochs=7)
