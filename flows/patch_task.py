@@ -146,7 +146,14 @@ def promote_task(project: str | None, task_name: str, version: str) -> dict[str,
 # ------------------------------------------------------------------------------------------- flows
 
 
-@flow(name="train-patch", flow_run_name="train-{task_name}", persist_result=True)
+def _train_run_name() -> str:
+    """``train-<task>``, then ``train-<task>-attempt-N`` (the name the parent submitted it under: a plain
+    ``train-{task_name}`` template would rename every attempt back to the first one's name)."""
+    params = flow_run.parameters or {}
+    return pool.run_name(str(params.get("task_name") or "task"), int(params.get("attempt") or 1))
+
+
+@flow(name="train-patch", flow_run_name=_train_run_name, persist_result=True)
 def train_patch_flow(task_name: str, task_dir: str, data_version: str = "", manifest_sha256: str = "",
                      epochs: int | None = None, project: str | None = None, attempt: int = 1) -> dict[str, Any]:
     """The GPU step: train one Δ-patch (device auto: CUDA + AMP when present, else CPU). `attempt` > 1:

@@ -146,6 +146,13 @@ def test_training_crash_is_retried_and_resumes_from_checkpoint(base_project, tmp
     assert out["resumed_from_epoch"] == 1
     assert out["status"] == "promoted"
     assert "resumed after epoch 1" in _artifact("glyphs", state)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:  # the training sub-flow, named by flows.patch_task._train_run_name
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert [c.name for c in children] == ["train-glyphs"]
     from deltapatch.data.ingest import file_sha256
 
     manifest = Path(params["_root"]) / "data" / "tasks" / "glyphs" / "manifest.csv"
