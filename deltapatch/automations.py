@@ -40,8 +40,8 @@ class AutomationStatus:
 
 def zombie_automation(settings: FaultSettings) -> Any:
     """Prefect's documented zombie-flow automation, limited to runs tagged :data:`HEARTBEAT_TAG`:
-    after a heartbeat, expect another heartbeat or an end state within ``zombie_after_seconds``,
-    per flow run; otherwise change that run's state to Crashed."""
+    after a heartbeat (or the run going Running), expect another heartbeat or an end state within
+    ``zombie_after_seconds``, per flow run; otherwise change that run's state to Crashed."""
     # prefect's event schemas cost ~1 s of import; `stack status`/`down` never build the automation.
     from prefect.client.schemas.objects import StateType  # lazy: ~1 s of import, see above
     from prefect.events.actions import ChangeFlowRunState  # lazy: ~1 s of import, see above
@@ -49,7 +49,9 @@ def zombie_automation(settings: FaultSettings) -> Any:
 
     window = int(settings.zombie_after_seconds)
     trigger = EventTrigger(
-        after={"prefect.flow-run.heartbeat"},
+        # Armed by Running too, not only by a heartbeat: a run killed before its first heartbeat reached
+        # the server (seen in a drill: killed ~10 s after Running) would otherwise stay Running forever.
+        after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
         expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                 "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
         match={"prefect.resource.id": ["prefect.flow-run.*"]},

@@ -94,7 +94,8 @@ def test_zombie_automation_is_created_found_intact_and_repaired(tmp_path: Path) 
     (automation,) = [a for a in found.json() if a["name"] == ZOMBIE_AUTOMATION]
     trigger, (action,) = automation["trigger"], automation["actions"]
     assert trigger["posture"] == "Proactive" and trigger["within"] == 75
-    assert trigger["after"] == ["prefect.flow-run.heartbeat"] and trigger["for_each"] == ["prefect.resource.id"]
+    assert sorted(trigger["after"]) == ["prefect.flow-run.Running", "prefect.flow-run.heartbeat"]
+    assert trigger["for_each"] == ["prefect.resource.id"]
     assert trigger["match_related"]["prefect.resource.id"] == f"prefect.tag.{HEARTBEAT_TAG}"
     assert action["type"] == "change-flow-run-state" and action["state"] == "CRASHED"
 
