@@ -174,12 +174,13 @@ def base_fingerprint(params: dict[str, Any]) -> str:
     # The CLI's `stack` commands import this module and must not load torch:
     from deltapatch.fingerprint import fingerprint  # lazy: imports torch
     from deltapatch.models.base import base_settings, read_state_dict  # lazy: imports torch
+    from deltapatch.models.pretrain import missing_base_error  # lazy: imports torch
 
     weights = resolve_path(params, base_settings(params).weights)
     try:
         stat = weights.stat()
     except OSError:
-        raise ConfigError(f"base model weights not found: {weights} (params.yaml base.weights)") from None
+        raise missing_base_error(params, "nothing was trained") from None
     cache_key = (str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
     if cache_key not in _fingerprints:
         _fingerprints[cache_key] = fingerprint(read_state_dict(weights))

@@ -2,8 +2,9 @@
 
 The Prefect flows (``flows/patch_task.py``) wrap each step in a task; ``deltapatch run
 --no-prefect`` and notebooks call :func:`run_pipeline`, which chains the same functions. Every step
-takes the project params and returns plain JSON-able dicts, so results can cross process boundaries
-(the training step runs on the GPU work pool's worker).
+takes the project params and returns a small typed record (deltapatch/step_results.py: Ingested,
+Versioned, TrainedPatch, Registered, and the gate's GateResult); the flows turn them into JSON-able
+dicts only at the Prefect boundary (the training step runs on the GPU work pool's worker).
 
     base_step → ingest_step → version_step → train_step → gate_step → register_step → promote_step
     (release_step when the run has ended: the dataset leaves the inbox)
@@ -42,6 +43,7 @@ from deltapatch.models.pretrain import ensure_base
 from deltapatch.patching import PatchResult, PatchSession, train_patch
 from deltapatch.registry import registry
 from deltapatch.registry.tracking import registry_settings, ui_url
+from deltapatch.step_results import Ingested, Registered, TrainedPatch, Versioned
 from deltapatch.train import EpochRecord, FitResult, TrainSettings, resolve_device
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def base_step(params: dict[str, Any], progress: bool = False, say: Callable[[str
     return str(ensure_base(params, progress=progress, say=say or log.info))
 
 
-def ingest_step(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None) -> dict[str, Any]:
+def ingest_step(params: dict[str, Any], path: str | os.PathLike[str], task: str | None = None) -> Ingested:
     """Validate, normalise and version the dataset at `path` (ingest quarantines a rejected input;
     an arrival identical to another task is refused and quarantined here)."""
     result = ingest(path, params, task=task)
@@ -68,21 +70,13 @@ def ingest_step(params: dict[str, Any], path: str | os.PathLike[str], task: str 
             kept = f" (input kept in {folder.relative_to(project_root(params).resolve())}/)"
         raise DatasetError(message + kept, hint=f"submit it with --task {result.duplicate_of} to retrain that task")
     version = result.data_version
-    return {
-        "task": result.task,
-        "status": result.status,
-        "task_dir": str(result.task_dir),
-        "manifest_sha256": result.manifest_sha256,
-        "data_version": str(version) if version else "",
-        "data_version_info": version.as_dict() if version else None,
-        "n_images": dict(result.n_images),
-        "classes": list(result.classes),
-        "skipped": len(result.skipped),
-        "warnings": list(result.warnings),
-    }
+    return Ingested(task=result.task, status=result.status, task_dir=str(result.task_dir),
+                    manifest_sha256=result.manifest_sha256, data_version=str(version) if version else "",
+                    data_version_info=version.as_dict() if version else None, n_images=dict(result.n_images),
+                    classes=list(result.classes), skipped=len(result.skipped), warnings=list(result.warnings))
 
 
-def version_step(params: dict[str, Any], ingested: dict[str, Any]) -> dict[str, Any]:
+def version_step(params: dict[str, Any], ingested: Ingested) -> Versioned:
     """Make sure the data version is on the DVC remote (``dvc push``); raises so the flow retries.
 
     Ingest already commits the version and tries one push; this step repeats the push (a no-op when
@@ -90,10 +84,10 @@ def version_step(params: dict[str, Any], ingested: dict[str, Any]) -> dict[str, 
     """
     problem = push_data(params)
     if problem and problem.startswith("no default DVC remote"):
-        return {"pushed": False, "note": problem, "data_version": ingested["data_version"]}
+        return Versioned(pushed=False, note=problem, data_version=ingested.data_version)
     if problem:
         raise VersioningError(problem)
-    return {"pushed": True, "note": "", "data_version": ingested["data_version"]}
+    return Versioned(pushed=True, note="", data_version=ingested.data_version)
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -115,13 +109,13 @@ def patch_out_dir(params: dict[str, Any], task: str, manifest_sha256: str) -> Pa
 def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[str], data_version: str = "", *,
                manifest_sha256: str | None = None, epochs: int | None = None, progress: bool = False,
                out_dir: str | os.PathLike[str] | None = None,
-               on_epoch: Callable[[EpochRecord], None] | None = None) -> dict[str, Any]:
+               on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainedPatch:
     """Train the task's Δ-patch; checkpoints every epoch (:func:`checkpoint_path`) and resumes from it
     when run again — on any worker that can read ``faults.checkpoint_dir``.
 
-    Returns a JSON-able dict with the metrics and the patch files themselves (base64; a patch is a few
-    hundred kB at most), so a worker on another machine can hand the patch back through Prefect's
-    result storage; :func:`materialise_patch` writes them out again.
+    The result carries the patch files themselves (base64; a patch is a few hundred kB at most), so a
+    worker on another machine can hand the patch back through Prefect's result storage;
+    :func:`materialise_patch` writes them out again.
     """
     task_dir = Path(task_dir)
     if not (task_dir / "manifest.csv").is_file():  # a worker on another machine: fetch the data
@@ -134,24 +128,12 @@ def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[st
     result = train_patch(params, data, out_dir=out, checkpoint=ckpt, progress=progress,
                          on_epoch=on_epoch, data_version=data_version, epochs=epochs)
     ckpt.unlink(missing_ok=True)  # done: a later run on the same data starts fresh
-    return {
-        "task": task,
-        "patch_dir": str(out),
-        "metrics": dict(result.metrics),
-        "base_check": {"bit_identical": result.base_check.bit_identical,
-                       "max_abs_diff": result.base_check.max_abs_diff,
-                       "base_acc": result.base_check.base_acc,
-                       "pristine_acc": result.base_check.pristine_acc},
-        "resumed_from_epoch": result.fit.resumed_from_epoch,
-        "checkpoint": str(ckpt),
-        "training_key": training_key(params, task, sha, epochs),
-        "epochs_run": len(result.fit.history),
-        "history": [dataclasses.asdict(r) for r in result.fit.history],
-        "device": _device_name(params),
-        "data_version": data_version,
-        "wall_seconds": time.perf_counter() - started,
-        "files": _patch_files(out),
-    }
+    return TrainedPatch(
+        task=task, patch_dir=str(out), metrics=dict(result.metrics), base_check=dataclasses.asdict(result.base_check),
+        resumed_from_epoch=result.fit.resumed_from_epoch, checkpoint=str(ckpt),
+        training_key=training_key(params, task, sha, epochs), epochs_run=len(result.fit.history),
+        history=[dataclasses.asdict(r) for r in result.fit.history], device=_device_name(params),
+        data_version=data_version, wall_seconds=time.perf_counter() - started, files=_patch_files(out))
 
 
 def _device_name(params: dict[str, Any]) -> str:
@@ -163,12 +145,12 @@ def _patch_files(patch_dir: Path) -> dict[str, str]:
     return {p.name: base64.b64encode(p.read_bytes()).decode() for p in sorted(patch_dir.iterdir()) if p.is_file()}
 
 
-def materialise_patch(params: dict[str, Any], trained: dict[str, Any]) -> Path:
+def materialise_patch(params: dict[str, Any], trained: TrainedPatch) -> Path:
     """Make sure the trained patch exists locally (it may have been trained on another machine)."""
-    out = Path(trained["patch_dir"])
-    files = trained.get("files") or {}
+    out = Path(trained.patch_dir)
+    files = trained.files
     if files and not all((out / name).is_file() for name in files):
-        out = state_dir(params) / "patches" / trained["task"] / f"received-{int(time.time() * 1000)}" / "patch"
+        out = state_dir(params) / "patches" / trained.task / f"received-{int(time.time() * 1000)}" / "patch"
         out.mkdir(parents=True, exist_ok=True)
         for name, blob in files.items():
             (out / name).write_bytes(base64.b64decode(blob))
@@ -207,31 +189,29 @@ def gate_step(params: dict[str, Any], task: str, patch_dir: str | os.PathLike[st
 # ---------------------------------------------------------------------------------------- registry
 
 
-def register_step(params: dict[str, Any], trained: dict[str, Any], gate: GateResult | dict[str, Any],
-                  data_version: str, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+def register_step(params: dict[str, Any], trained: TrainedPatch, gate: GateResult, data_version: str,
+                  say: Callable[[str], None] | None = None) -> Registered:
     """Log the MLflow run and register the version (tagged gate=failed when the gate failed). Each of
     the two calls rides out an MLflow restart on its own, so a retry never logs the run twice."""
     patch_dir = materialise_patch(params, trained)
     result = _patch_result(trained, patch_dir)
-    gate_dict = gate.as_dict() if isinstance(gate, GateResult) else dict(gate)
-    task_dir = tasks_dir(params) / trained["task"]
-    data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=trained["task"]) \
+    gate_dict = gate.as_dict()
+    task_dir = tasks_dir(params) / trained.task
+    data = load_task_dir(task_dir, int(params["base"]["input_size"]), name=trained.task) \
         if (task_dir / "manifest.csv").is_file() else None
     run_id = ride_out(lambda: registry.log_patch_run(params, result, data=data, gate=gate_dict, data_version=data_version),
                       params, "logging the MLflow run", say)
     version = ride_out(lambda: registry.register_patch(params, run_id, result, gate_dict, data_version), params,
                        "registering the patch", say)
-    return {"task": trained["task"], "version": str(version), "run_id": run_id,
-            "gate_passed": bool(gate_dict["passed"]), "mlflow_url": mlflow_link(params, trained["task"], version)}
+    return Registered(task=trained.task, version=str(version), run_id=run_id, gate_passed=gate.passed,
+                      mlflow_url=mlflow_link(params, trained.task, version))
 
 
-def _patch_result(trained: dict[str, Any], patch_dir: Path) -> PatchResult:
-    """A PatchResult rebuilt from the train step's dict (what the registry logs)."""
-    meta = read_patch_meta(patch_dir)
-    bc = trained["base_check"]
-    check = BaseCheck(bool(bc["bit_identical"]), float(bc["max_abs_diff"]), float(bc["base_acc"]), float(bc["pristine_acc"]))
-    fit = FitResult([EpochRecord(**r) for r in trained.get("history", [])], int(trained.get("resumed_from_epoch", 0)))
-    return PatchResult(trained["task"], patch_dir, meta, fit, check, dict(trained["metrics"]))
+def _patch_result(trained: TrainedPatch, patch_dir: Path) -> PatchResult:
+    """The PatchResult the registry logs, from a (possibly remote) training's record."""
+    fit = FitResult([EpochRecord(**r) for r in trained.history], trained.resumed_from_epoch)
+    return PatchResult(trained.task, patch_dir, read_patch_meta(patch_dir), fit, BaseCheck(**trained.base_check),
+                       dict(trained.metrics))
 
 
 def promote_step(params: dict[str, Any], task: str, version: str, reason: str = "",
@@ -322,8 +302,8 @@ def run_pipeline(params: dict[str, Any], path: str | os.PathLike[str], task: str
         raise
     try:
         version_step(params, ingested)
-        trained = train_step(params, ingested["task"], ingested["task_dir"], ingested["data_version"],
-                             manifest_sha256=ingested["manifest_sha256"], epochs=epochs, progress=progress)
+        trained = train_step(params, ingested.task, ingested.task_dir, ingested.data_version,
+                             manifest_sha256=ingested.manifest_sha256, epochs=epochs, progress=progress)
         return finish(params, ingested, trained, started)
     finally:
         release_step(params, path)
@@ -345,12 +325,12 @@ class FinishSteps:
     """How :func:`finish` runs its steps: in this process (:func:`local_steps`), or as the Prefect
     tasks of flows/patch_task.py (each with its own retries and its own row in the UI).
 
-    gate(task, trained) → GateResult; register(trained, gate, data_version) → register_step's dict;
+    gate(task, trained) → GateResult; register(trained, gate, data_version) → Registered;
     promote(task, version).
     """
 
-    gate: Callable[[str, dict[str, Any]], GateResult]
-    register: Callable[[dict[str, Any], GateResult, str], dict[str, Any]]
+    gate: Callable[[str, TrainedPatch], GateResult]
+    register: Callable[[TrainedPatch, GateResult, str], Registered]
     promote: Callable[[str, str], object]
 
 
@@ -363,7 +343,7 @@ def local_steps(params: dict[str, Any]) -> FinishSteps:
     )
 
 
-def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, Any], started: float,
+def finish(params: dict[str, Any], ingested: Ingested, trained: TrainedPatch, started: float,
            gate: GateResult | None = None, *, steps: FinishSteps | None = None, preface: str = "",
            report: Callable[[PipelineOutcome], None] | None = None) -> PipelineOutcome:
     """gate → register → promote (or register as failed and raise GateFailed).
@@ -371,20 +351,20 @@ def finish(params: dict[str, Any], ingested: dict[str, Any], trained: dict[str, 
     `steps`: how each step runs (default :func:`local_steps`); `preface`: put before the gate's
     message in the outcome's; `report(outcome)` runs once the outcome is known, before a GateFailed.
     """
-    task = ingested["task"]
+    task = ingested.task
     steps = steps or local_steps(params)
     gate = gate if gate is not None else steps.gate(task, trained)
-    registered = steps.register(trained, gate, ingested["data_version"])
-    outcome = PipelineOutcome(task, "promoted" if gate.passed else "gate-failed", ingested["data_version"],
-                              registered["version"], trained["metrics"], gate.as_dict(), registered["mlflow_url"],
+    registered = steps.register(trained, gate, ingested.data_version)
+    outcome = PipelineOutcome(task, "promoted" if gate.passed else "gate-failed", ingested.data_version,
+                              registered.version, trained.metrics, gate.as_dict(), registered.mlflow_url,
                               time.perf_counter() - started, preface + gate.message)
     if gate.passed:
-        steps.promote(task, registered["version"])
+        steps.promote(task, registered.version)
     if report is not None:
         report(outcome)
     if not gate.passed:
-        raise GateFailed(f"{gate.message}; version {registered['version']} registered as failed, not promoted",
-                         hint=gate_hint(task, registered["version"]))
+        raise GateFailed(f"{gate.message}; version {registered.version} registered as failed, not promoted",
+                         hint=gate_hint(task, registered.version))
     return outcome
 
 
@@ -394,7 +374,7 @@ def project_params(project: str | os.PathLike[str] | None = None) -> dict[str, A
 
 
 __all__ = [
-    "DeltapatchError", "FinishSteps", "PipelineOutcome", "artifact_key", "base_step", "champions", "gate_hint",
+    "DeltapatchError", "FinishSteps", "Ingested", "PipelineOutcome", "Registered", "TrainedPatch", "Versioned", "artifact_key", "base_step", "champions", "gate_hint",
     "checkpoint_path", "finish", "gate_step", "ingest_step", "local_steps", "materialise_patch", "mlflow_link",
     "project_params", "project_root", "promote_step", "register_step", "release_step", "run_pipeline",
     "summary_markdown", "train_step", "version_step",

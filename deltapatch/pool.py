@@ -28,12 +28,14 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled
 
 from deltapatch.errors import DeltapatchError
 from deltapatch.faults import FaultSettings, fault_settings, is_outage, ride_out
+from deltapatch.step_results import TrainedPatch
 
 Say = Callable[[str], None]
 
@@ -109,6 +111,7 @@ def train_on_pool(params: dict[str, Any], deployment: str, parameters: dict[str,
 def _submit(deployment: str, parameters: dict[str, Any], name: str, idempotency_key: str | None) -> UUID:
     run = run_deployment(deployment, parameters=parameters, timeout=0, flow_run_name=name,
                          idempotency_key=idempotency_key)
+    assert isinstance(run, FlowRun)  # called from sync code, Prefect's sync/async API returns the run itself
     return run.id
 
 
@@ -204,22 +207,21 @@ def pool_available(params: dict[str, Any], deployment: str) -> bool:
         return False  # no usable Prefect API here (e.g. no server configured): train in-process
 
 
-def training_note(trained: dict[str, Any], attempts: list[TrainingAttempt], reused: bool) -> str:
+def training_note(trained: TrainedPatch, attempts: list[TrainingAttempt], reused: bool) -> str:
     """The "Training" paragraph of an arrival's report: reused, resumed after a crash, or restarted
     from epoch 1 because no checkpoint was reachable (first line: a one-line summary)."""
     if reused:
-        return (f"Training: reused the finished training `{trained.get('training_key', '?')}` (same task, data, recipe "
+        return (f"Training: reused the finished training `{trained.training_key}` (same task, data, recipe "
                 "and base): not trained again.")
-    resumed = int(trained.get("resumed_from_epoch", 0))
-    attempt = int(trained.get("attempt", 1))
+    resumed, attempt = trained.resumed_from_epoch, trained.attempt
     if attempt <= 1 and not resumed:
-        return f"Training: {int(trained.get('epochs_run', 0))} epochs in one run."
+        return f"Training: {trained.epochs_run} epochs in one run."
     if resumed:
         who = f"attempt {attempt}" if attempt > 1 else "a retry after a crash"
-        lines = [f"Training: {who} resumed after epoch {resumed} from the checkpoint `{trained.get('checkpoint', '')}`."]
+        lines = [f"Training: {who} resumed after epoch {resumed} from the checkpoint `{trained.checkpoint}`."]
     else:
         lines = [f"Training: attempt {attempt} **restarted from epoch 1**: no checkpoint of the earlier attempt was "
-                 f"reachable at `{trained.get('checkpoint', '')}` (faults.checkpoint_dir must be a folder every GPU "
+                 f"reachable at `{trained.checkpoint}` (faults.checkpoint_dir must be a folder every GPU "
                  "worker reaches)."]
     if attempts:
         lines += ["", "| attempt | training run | ended | seconds | note |", "|---|---|---|---|---|"]

@@ -3,6 +3,9 @@ deployed on the `gpu` work pool) and `rollback-patch`.
 
 The flows only orchestrate: every step is a call into :mod:`deltapatch.pipeline`. Each flow takes
 `project` (the project folder; default ``$DELTAPATCH_PROJECT`` or the current folder).
+
+Prefect tasks take and return JSON-able dicts (results may cross machines through result storage);
+the flows turn them into the pipeline's typed records (deltapatch/step_results.py) right away.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from deltapatch import faults, pipeline, pool  # noqa: E402
 from deltapatch.data.ingest import file_sha256  # noqa: E402
 from deltapatch.errors import DatasetError, retryable  # noqa: E402
 from deltapatch.gate import GateResult  # noqa: E402
+from deltapatch.registry import registry  # noqa: E402
+from deltapatch.step_results import Ingested, Registered, TrainedPatch  # noqa: E402
 
 
 def retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
@@ -52,9 +57,9 @@ def training_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
 
 
 TRAIN_DEPLOYMENT = "train-patch/gpu"
-NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
+NETWORK_RETRIES: dict[str, Any] = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
                        retry_condition_fn=retry_if_retryable)
-TRAINING_CACHE = dict(cache_key_fn=training_cache_key, persist_result=True)
+TRAINING_CACHE: dict[str, Any] = dict(cache_key_fn=training_cache_key, persist_result=True)
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -73,17 +78,17 @@ def release_task(project: str | None, path: str) -> bool:
 
 @task(name="ingest-and-validate", task_run_name="ingest {path}")
 def ingest_task(project: str | None, path: str, task_name: str | None) -> dict[str, Any]:
-    return pipeline.ingest_step(pipeline.project_params(project), path, task_name)
+    return pipeline.ingest_step(pipeline.project_params(project), path, task_name).as_dict()
 
 
 @task(name="version-data", **NETWORK_RETRIES)
 def version_task(project: str | None, ingested: dict[str, Any]) -> dict[str, Any]:
-    return pipeline.version_step(pipeline.project_params(project), ingested)
+    return pipeline.version_step(pipeline.project_params(project), Ingested.from_dict(ingested)).as_dict()
 
 
 @task(name="train-delta-patch", task_run_name="train {task_name}", retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_if_retryable, **TRAINING_CACHE)
-def train_task(project: str | None, task_name: str, task_dir: str, data_version: str, manifest_sha256: str,
+def train_task(project: str | None, task_name: str, task_dir: str, data_version: str, manifest_sha256: str | None,
                epochs: int | None = None, attempt: int = 1) -> dict[str, Any]:
     """Checkpoints every epoch; a retry (here, or a new run of the pool's deployment) resumes from the
     last finished epoch when the checkpoint is reachable, and says so when it is not."""
@@ -96,14 +101,14 @@ def train_task(project: str | None, task_name: str, task_dir: str, data_version:
 
     trained = pipeline.train_step(params, task_name, task_dir, data_version, manifest_sha256=manifest_sha256,
                                   epochs=epochs, on_epoch=on_epoch)
-    if trained["resumed_from_epoch"]:
-        logger.info("resumed from the checkpoint after epoch %d (%s)", trained["resumed_from_epoch"], trained["checkpoint"])
+    if trained.resumed_from_epoch:
+        logger.info("resumed from the checkpoint after epoch %d (%s)", trained.resumed_from_epoch, trained.checkpoint)
     elif attempt > 1:
         logger.warning("attempt %d started from epoch 1: no checkpoint of the earlier attempt was reachable at %s "
-                       "(faults.checkpoint_dir must be a folder every GPU worker reaches)", attempt, trained["checkpoint"])
-    trained["flow_run_id"] = str(flow_run.id or "")
-    trained["attempt"] = attempt
-    return trained
+                       "(faults.checkpoint_dir must be a folder every GPU worker reaches)", attempt, trained.checkpoint)
+    trained.flow_run_id = str(flow_run.id or "")
+    trained.attempt = attempt
+    return trained.as_dict()
 
 
 @task(name="train-on-gpu-pool", task_run_name="train {task_name} on the gpu pool", **TRAINING_CACHE)
@@ -125,7 +130,7 @@ def train_on_pool_task(project: str | None, task_name: str, task_dir: str, data_
 def gate_task(project: str | None, task_name: str, trained: dict[str, Any]) -> dict[str, Any]:
     params = pipeline.project_params(project)
     logger = get_run_logger()
-    patch_dir = pipeline.materialise_patch(params, trained)
+    patch_dir = pipeline.materialise_patch(params, TrainedPatch.from_dict(trained))
     result = pipeline.gate_step(params, task_name, patch_dir, say=logger.warning)
     logger.info(result.message)
     return result.as_dict()
@@ -134,8 +139,8 @@ def gate_task(project: str | None, task_name: str, trained: dict[str, Any]) -> d
 # The registry steps ride out an MLflow restart themselves (faults.outage_window_s, pipeline.ride_out).
 @task(name="register-in-mlflow")
 def register_task(project: str | None, trained: dict[str, Any], gate: dict[str, Any], data_version: str) -> dict[str, Any]:
-    return pipeline.register_step(pipeline.project_params(project), trained, GateResult.from_dict(gate), data_version,
-                                  say=get_run_logger().warning)
+    return pipeline.register_step(pipeline.project_params(project), TrainedPatch.from_dict(trained),
+                                  GateResult.from_dict(gate), data_version, say=get_run_logger().warning).as_dict()
 
 
 @task(name="promote")
@@ -179,7 +184,7 @@ def patch_task_flow(path: str, task_name: str | None = None, project: str | None
     name_for_artifact = task_name or Path(path).name
     base_task(project)  # before anything is ingested: a missing user base leaves the dataset where it is
     try:
-        ingested = ingest_task(project, path, task_name)
+        ingested = Ingested.from_dict(ingest_task(project, path, task_name))
     except Exception as exc:
         rejected = isinstance(exc, DatasetError)
         create_markdown_artifact(key=pipeline.artifact_key(name_for_artifact),
@@ -194,38 +199,38 @@ def patch_task_flow(path: str, task_name: str | None = None, project: str | None
         release_task(project, path)  # the data is versioned: the inbox copy is done with
 
 
-def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | None, ingested: dict[str, Any],
+def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | None, ingested: Ingested,
                   started: float) -> dict[str, Any]:
     logger = get_run_logger()
-    name = ingested["task"]
-    logger.info("ingested '%s' (%s): data version %s", name, ingested["status"], ingested["data_version"])
-    version_task(project, ingested)
-    args = (project, name, ingested["task_dir"], ingested["data_version"], ingested["manifest_sha256"], epochs)
+    name = ingested.task
+    logger.info("ingested '%s' (%s): data version %s", name, ingested.status, ingested.data_version)
+    version_task(project, ingested.as_dict())
+    args = (project, name, ingested.task_dir, ingested.data_version, ingested.manifest_sha256, epochs)
     use_pool = train_on == "pool" or (train_on == "auto" and pool.pool_available(pipeline.project_params(project),
                                                                                  TRAIN_DEPLOYMENT))
     if use_pool:
         state = train_on_pool_task(*args, return_state=True)
-        trained = state.result()
+        trained = TrainedPatch.from_dict(state.result())
         reused = state.name == "Cached"  # a finished training of the same key: not run again
     else:
-        state = train_patch_flow(task_name=name, task_dir=ingested["task_dir"], data_version=ingested["data_version"],
-                                 manifest_sha256=ingested["manifest_sha256"], epochs=epochs, project=project,
+        state = train_patch_flow(task_name=name, task_dir=ingested.task_dir, data_version=ingested.data_version,
+                                 manifest_sha256=ingested.manifest_sha256, epochs=epochs, project=project,
                                  return_state=True)
-        trained = state.result()
-        reused = trained.get("flow_run_id") != str(state.state_details.flow_run_id)  # its training task was cached
-    attempts = [] if reused else [pool.TrainingAttempt(**a) for a in trained.get("attempts", [])]
+        trained = TrainedPatch.from_dict(state.result())
+        reused = trained.flow_run_id != str(state.state_details.flow_run_id)  # its training task was cached
+    attempts = [] if reused else [pool.TrainingAttempt(**a) for a in trained.attempts]
     training = pool.training_note(trained, attempts, reused)
-    logger.info("trained on %s: patch accuracy %.3f. %s", trained.get("device"), trained["metrics"]["patch_acc"],
-                training.splitlines()[0])
+    logger.info("trained on %s: patch accuracy %.3f. %s", trained.device, trained.patch_acc, training.splitlines()[0])
     preface = f"{training}\n\n"
-    if ingested["status"] == "unchanged":
+    if ingested.status == "unchanged":
         again = "its finished training was reused" if reused else "the patch was retrained on it"
-        preface = (f"The dataset is an exact duplicate of this task's data version {ingested['data_version']}: "
+        preface = (f"The dataset is an exact duplicate of this task's data version {ingested.data_version}: "
                    f"nothing new was versioned, {again}.\n\n{preface}")
     # The gate → register → promote sequence is pipeline.finish; each step runs as this flow's task.
     steps = pipeline.FinishSteps(
-        gate=lambda task_name, patch: GateResult.from_dict(gate_task(project, task_name, patch)),
-        register=lambda patch, gate, data_version: register_task(project, patch, gate.as_dict(), data_version),
+        gate=lambda task_name, patch: GateResult.from_dict(gate_task(project, task_name, patch.as_dict())),
+        register=lambda patch, gate, data_version: Registered.from_dict(
+            register_task(project, patch.as_dict(), gate.as_dict(), data_version)),
         promote=lambda task_name, version: promote_task(project, task_name, version),
     )
 
@@ -236,8 +241,8 @@ def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | N
     outcome = pipeline.finish(pipeline.project_params(project), ingested, trained, started, steps=steps,
                               preface=preface, report=report)
     result = outcome.as_dict()
-    result["device"] = trained.get("device")
-    result["resumed_from_epoch"] = trained.get("resumed_from_epoch", 0)
+    result["device"] = trained.device
+    result["resumed_from_epoch"] = trained.resumed_from_epoch
     result["training_reused"] = reused
     result["training_attempts"] = [a.as_dict() for a in attempts]
     return result
@@ -246,8 +251,6 @@ def _after_ingest(path: str, project: str | None, train_on: str, epochs: int | N
 @flow(name="rollback-patch", flow_run_name="rollback-{task_name}")
 def rollback_patch_flow(task_name: str, to: str | None = None, reason: str = "", project: str | None = None) -> dict[str, Any]:
     """Point the task's serving alias back at an earlier version (default: the previous champion)."""
-    from deltapatch.registry import registry
-
     params = pipeline.project_params(project)
     from_version, to_version = registry.rollback(params, task_name, to=to, reason=reason or "rollback-patch flow")
     get_run_logger().info("rolled back %s: champion v%s → v%s", task_name, from_version, to_version)

@@ -48,6 +48,21 @@ def is_embedded_base(params: dict[str, Any]) -> bool:
     return base_settings(params).eval_set.startswith(BUILTIN_PREFIX)
 
 
+def missing_base_error(params: dict[str, Any], what_happened: str) -> ConfigError:
+    """The one error for base weights that are not there (ensure_base before any work; the training
+    key's fingerprint when the file went away later)."""
+    settings = base_settings(params)
+    weights = resolve_path(params, settings.weights)
+    if is_embedded_base(params):
+        return ConfigError(f"base weights {weights} not found (params.yaml base.weights, the embedded default); "
+                           f"{what_happened}", hint="`deltapatch pretrain` writes it again")
+    return ConfigError(
+        f"base weights {weights} not found (params.yaml base.weights, your own base model with "
+        f"base.eval_set {settings.eval_set}); {what_happened}",
+        hint=f"put the weights file at {weights}, or point base.weights in params.yaml at it",
+    )
+
+
 def ensure_base(params: dict[str, Any], *, progress: bool = True,
                 say: Callable[[str], None] | None = None) -> Path:
     """Make sure the base weights exist before any work starts; returns their path.
@@ -63,11 +78,7 @@ def ensure_base(params: dict[str, Any], *, progress: bool = True,
     if weights.is_file():
         return weights
     if not is_embedded_base(params):
-        raise ConfigError(
-            f"base weights {weights} not found (params.yaml base.weights, your own base model with "
-            f"base.eval_set {settings.eval_set}); stopped before ingesting or training anything",
-            hint=f"put the weights file at {weights}, or point base.weights in params.yaml at it",
-        )
+        raise missing_base_error(params, "stopped before ingesting or training anything")
     lock = state_dir(params) / "locks" / "pretrain.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):

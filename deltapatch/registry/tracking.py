@@ -138,7 +138,7 @@ def configure(params: dict[str, Any], check: bool = True) -> str:
         check_single_store(params)
     if check:
         check_reachable(uri, settings)
-    import mlflow
+    import mlflow  # lazy: mlflow takes seconds to import; the stack commands use only this module's settings and URLs
 
     store.register_scheme()
     store.init_store(uri)
@@ -166,8 +166,12 @@ def check_single_store(params: dict[str, Any]) -> None:
 def ensure_experiment(uri: str, name: str) -> str:
     """The id of experiment `name` on `uri`, created if missing: on a sqlite store with artifacts at
     `mlflow-artifacts:/<id>` as the store's server would (no local path in the metadata)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from mlflow.exceptions import (
+        MlflowException,  # lazy: mlflow takes seconds to import; the stack commands use only this module's settings and URLs
+    )
+    from mlflow.tracking import (
+        MlflowClient,  # lazy: mlflow takes seconds to import; the stack commands use only this module's settings and URLs
+    )
 
     client = MlflowClient(uri, uri)
     try:
@@ -200,7 +204,9 @@ def experiment_id(params: dict[str, Any]) -> str:
 
 def client(params: dict[str, Any]) -> Any:
     """An MlflowClient on the configured registry."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import (
+        MlflowClient,  # lazy: mlflow takes seconds to import; the stack commands use only this module's settings and URLs
+    )
 
     uri = configure(params)
     return MlflowClient(uri, uri)

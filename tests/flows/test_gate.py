@@ -28,20 +28,20 @@ def trained(base_project: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
     out = {"params": params}
     for name in ("shapes", "glyphs"):
         ingested = pipeline.ingest_step(params, write_task(src, name), name)
-        out[name] = (ingested, pipeline.train_step(params, name, ingested["task_dir"], ingested["data_version"],
-                                                   manifest_sha256=ingested["manifest_sha256"]))
+        out[name] = (ingested, pipeline.train_step(params, name, ingested.task_dir, ingested.data_version,
+                                                   manifest_sha256=ingested.manifest_sha256))
     return out
 
 
 def _champion(trained: dict[str, Any], acc: float | None = None) -> Champion:
     ingested, result = trained["glyphs"]
-    return Champion("glyphs", "1", Path(result["patch_dir"]),
-                    result["metrics"]["patch_acc"] if acc is None else acc, ingested["data_version"])
+    return Champion("glyphs", "1", Path(result.patch_dir),
+                    result.patch_acc if acc is None else acc, ingested.data_version)
 
 
 def test_gate_passes_with_champion_beside(trained: dict[str, Any]) -> None:
     params = trained["params"]
-    result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [_champion(trained)])
+    result = run_gate(params, None, "shapes", Path(trained["shapes"][1].patch_dir), [_champion(trained)])
     assert result.passed, result.message
     assert result.base_bit_identical
     names = [c.name for c in result.checks]
@@ -53,7 +53,7 @@ def test_gate_passes_with_champion_beside(trained: dict[str, Any]) -> None:
 
 def test_gate_fails_below_min_accuracy_and_says_by_how_much(trained: dict[str, Any]) -> None:
     params = dict(trained["params"], gate={"min_patch_accuracy": 1.0, "interference_tolerance": 0.0})
-    result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [])
+    result = run_gate(params, None, "shapes", Path(trained["shapes"][1].patch_dir), [])
     acc = result.check("patch_accuracy").value
     assert acc < 1.0  # one epoch on 12 images per class
     assert not result.passed
@@ -80,7 +80,7 @@ def test_gate_fails_when_a_champions_saved_tensors_no_longer_reproduce_it(traine
     save_file(tensors, str(tmp_path / "patch" / TENSORS_FILE))
     champ.patch_dir = tmp_path / "patch"
 
-    result = run_gate(params, None, "shapes", Path(trained["shapes"][1]["patch_dir"]), [champ])
+    result = run_gate(params, None, "shapes", Path(trained["shapes"][1].patch_dir), [champ])
     assert not result.passed
     assert [c.name for c in result.failed] == ["interference:glyphs"]
     inter = result.check("interference:glyphs")
@@ -97,7 +97,7 @@ def test_gate_fails_when_the_network_base_differs_in_one_weight(trained: dict[st
     name, weight = next((n, p) for n, p in net.named_parameters() if p.dim() == 4)  # the first conv
     with torch.no_grad():
         weight.view(-1)[0] += 1e-3
-    result = run_gate(params, net, "shapes", Path(trained["shapes"][1]["patch_dir"]), [])
+    result = run_gate(params, net, "shapes", Path(trained["shapes"][1].patch_dir), [])
     assert [c.name for c in result.failed] == ["base"], name
     base = result.check("base")
     assert base.value > 0 and not base.extra["bit_identical"]
@@ -112,25 +112,25 @@ def test_gate_step_gates_against_registered_champions_and_removes_their_download
 
     params = trained["params"]
     ingested, glyphs = trained["glyphs"]
-    gate = pipeline.gate_step(params, "glyphs", glyphs["patch_dir"])  # no champion yet
-    registered = pipeline.register_step(params, glyphs, gate, ingested["data_version"])
-    pipeline.promote_step(params, "glyphs", registered["version"])
+    gate = pipeline.gate_step(params, "glyphs", glyphs.patch_dir)  # no champion yet
+    registered = pipeline.register_step(params, glyphs, gate, ingested.data_version)
+    pipeline.promote_step(params, "glyphs", registered.version)
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where a downloaded champion would be left
-    result = pipeline.gate_step(params, "shapes", trained["shapes"][1]["patch_dir"])
+    result = pipeline.gate_step(params, "shapes", trained["shapes"][1].patch_dir)
     assert [c.name for c in result.checks] == ["base", "interference:glyphs", "patch_accuracy"]
-    assert result.check("interference:glyphs").extra["version"] == registered["version"]
+    assert result.check("interference:glyphs").extra["version"] == registered.version
     assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("deltapatch-")) == []
 
 
 def test_gate_accepts_a_bare_network_and_measures_it_against_a_fresh_base(trained: dict[str, Any]) -> None:
     params = trained["params"]
     net = DeltaNetwork(load_base(params).model)
-    result = run_gate(params, net, "shapes", Path(trained["shapes"][1]["patch_dir"]), [_champion(trained)])
+    result = run_gate(params, net, "shapes", Path(trained["shapes"][1].patch_dir), [_champion(trained)])
     assert result.passed, result.message
     assert result.base_bit_identical
     assert net.tasks == ["glyphs", "shapes"]  # the network given is the one checked, left with both patches
     with pytest.raises(TypeError, match="PatchSession or DeltaNetwork"):
-        run_gate(params, object(), "shapes", Path(trained["shapes"][1]["patch_dir"]), [])
+        run_gate(params, object(), "shapes", Path(trained["shapes"][1].patch_dir), [])
