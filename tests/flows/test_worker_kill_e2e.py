@@ -120,3 +120,34 @@ def test_a_killed_training_worker_is_survived_on_the_other_worker(base_project: 
     attempts = result["training_attempts"]
     assert [a["state"] for a in attempts][:1] == ["Crashed"] and len(attempts) >= 2, attempts
     assert registry.champions(params)["shapes"]["version"] == 1
+
+
+def test_a_prefect_server_restart_during_training_is_ridden_out(base_project: dict[str, Any], tmp_path: Path) -> None:
+    """Issue 16: the Prefect server dies while an arrival trains and is back 30 s later (`stack up`
+    restarts it alone, same port and database); the same arrival completes and trained once."""
+    params = new_project(base_project, tmp_path / "project", {
+        "stack": {"prefect_port": free_port(), "mlflow_port": free_port(), "serve_app": False,
+                  "watch_stable_seconds": 1.0, "startup_timeout": 300},
+        "train": {"epochs": 40, "min_steps": 0, "batch_size": 16},
+    })
+    try:
+        stack.up(params)
+        api = stack.client_env(params)["PREFECT_API_URL"]
+        arrival = submit(params, write_task(tmp_path / "src", "shapes", per_class=30), "shapes")
+        checkpoints = checkpoint_dir(params)
+        _wait("a running training with its epoch-1 checkpoint",
+              lambda: any(r["state_type"] == "RUNNING" for r in _training_runs(api)) and any(checkpoints.glob("shapes-*.pt")),
+              600)
+        server = (stack.read_state(params) or {})["processes"]["prefect"]
+        os.killpg(int(server["pgid"]), signal.SIGKILL)  # the server and its children, as a crash
+        time.sleep(30)
+        stack.up(params)  # restarts the dead server alone (same port, same database)
+        runs = wait_for_runs(api, [arrival["path"]], timeout=600, say=lambda _m: None)
+        result = run_results(api, runs)[0]
+        training = _training_runs(api)
+    finally:
+        stack.down(params)
+    assert result.get("status") == "promoted", result
+    assert [(r["name"], r["state_type"]) for r in training] == [("train-shapes", "COMPLETED")], \
+        "one training run, completed through the outage: trained once"
+    assert registry.champions(params)["shapes"]["version"] == 1
