@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from deltapatch.config import ConfigError, resolve_path, section, state_dir
 from deltapatch.data.sources import BUILTIN_PREFIX, base_eval_data
+from deltapatch.errors import DeltapatchError
 from deltapatch.fingerprint import fingerprint
 from deltapatch.models.base import base_settings, build_architecture, write_sidecar
 from deltapatch.train import (
@@ -31,7 +32,8 @@ from deltapatch.train import (
 
 @dataclass
 class PretrainSettings:
-    """params.yaml `pretrain:` section: overrides of `train:` for pre-training the base."""
+    """params.yaml `pretrain:` section: overrides of `train:` for pre-training the base, and the
+    least test accuracy above chance a base must reach to be saved."""
 
     epochs: int = 8
     batch_size: int = 64
@@ -41,6 +43,16 @@ class PretrainSettings:
     label_smoothing: float = 0.0  # no smoothing, no augmentation unless asked for here
     augment_translate: float = 0.0
     augment_scale: float = 0.0
+    min_gain_over_chance: float = 0.1
+
+
+class PretrainFailed(DeltapatchError):
+    """Pre-training produced a base no better than chance; nothing was saved."""
+
+
+def chance_accuracy(labels: Any) -> float:
+    """Accuracy of always answering the most frequent class (labels: (N,) int tensor)."""
+    return float(labels.bincount().max()) / len(labels) if len(labels) else 0.0
 
 
 def is_embedded_base(params: dict[str, Any]) -> bool:
@@ -101,8 +113,10 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     weights = resolve_path(params, settings.weights)
     if weights.exists() and not force:
         return weights
-    # Every `pretrain:` field overrides the `train:` field of the same name.
-    overrides = dataclasses.asdict(section(params, "pretrain", PretrainSettings))
+    # Every `pretrain:` field but the acceptance threshold overrides the `train:` field of the same name.
+    pretrain = section(params, "pretrain", PretrainSettings)
+    overrides = dataclasses.asdict(pretrain)
+    overrides.pop("min_gain_over_chance")
     train_settings = dataclasses.replace(section(params, "train", TrainSettings), **overrides)
     apply_threads(train_settings)
     device = resolve_device(train_settings.device)
@@ -114,6 +128,16 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     trainable = Trainable(model, list(model.parameters()), model.state_dict, model.load_state_dict)
     fit(trainable, data, train_settings, norm, seed=seed, desc=f"pretrain {settings.arch} on {data.name}", progress=progress)
     test_acc = accuracy(predict_logits(model, data.test, norm), data.test.labels)
+    chance = chance_accuracy(data.test.labels)
+    if test_acc < chance + pretrain.min_gain_over_chance:
+        raise PretrainFailed(
+            f"pre-training {settings.arch} on {data.name} reached test accuracy {test_acc:.3f}, within "
+            f"{pretrain.min_gain_over_chance:g} of chance ({chance:.3f}), so {weights} was NOT written: patches "
+            f"on such a base fail their gate. Change params.yaml: pretrain.lr (now {train_settings.lr:g}; "
+            f"try 0.001–0.003), pretrain.epochs (now {train_settings.epochs}; try more), or base.small_input_stem "
+            f"(now {settings.small_input_stem}; true adapts the stem to {settings.input_size}×{settings.input_size} "
+            f"inputs); or bring trained weights (base.weights)"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".tmp")

@@ -17,17 +17,38 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from deltapatch.delta.budget import DEFAULT_BUDGET_PCT, PatchLayout
+
 FrozenLayer = nn.Conv2d | nn.Linear
 
 
 @dataclass
 class DeltaConfig:
-    """Hyper-parameters of a Δ kind. Subclasses set `kind` and add their fields."""
+    """Hyper-parameters of a Δ kind. Subclasses set `kind` and add their fields.
+
+    `budget_pct` caps a patch's trainable parameters (Δs + norm layers + head) as a percentage of
+    the base model's (params.yaml `delta.budget_pct`); None: no cap.
+    """
 
     kind: ClassVar[str] = ""
+    budget_pct: float | None = DEFAULT_BUDGET_PCT
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolve(self, layout: PatchLayout) -> DeltaConfig:
+        """This config completed for one network (e.g. per-layer ranks under the budget); what a
+        patch records in patch.json. Default: nothing depends on the network."""
+        return self
+
+    def layer_config(self, name: str) -> DeltaConfig:
+        """The config of the Δ on wrapped layer `name` (default: the same for every layer)."""
+        return self
+
+    @property
+    def enforces_budget(self) -> bool:
+        """Whether the network must refuse a patch of this config above `budget_pct`."""
+        return self.budget_pct is not None
 
 
 class DeltaLayer(nn.Module, ABC):

@@ -4,29 +4,75 @@ For an ungrouped Conv2d the Δ is computed in activation space, B(A(x)), with A 
 to r channels and B a 1×1 convolution back to C_out: the same function as conv(x, W + ΔW) without
 the full-size weight gradient. Grouped convolutions (depthwise) and Linear layers use the
 weight-space form, which is cheap for them.
+
+The rank of each layer comes from the patch's parameter budget (`delta.budget_pct`, shared out by
+`deltapatch.delta.budget.allocate_ranks`), unless `rank` fixes one rank for every layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltapatch.delta.budget import ALLOCATIONS, PatchLayout, allocate_ranks
 from deltapatch.delta.kinds.base import DeltaConfig, DeltaLayer, FrozenLayer
 from deltapatch.delta.kinds.registry import register_delta_kind
+from deltapatch.errors import DeltapatchError
 
 
 @dataclass
 class LowRankConfig(DeltaConfig):
+    """`rank`: one rank for every layer (an explicit override of the budget); None: per-layer ranks
+    allocated under `budget_pct` by `allocation`. `ranks` holds the per-layer ranks once resolved
+    for a network (that is what patch.json records, and what loading a patch reuses)."""
+
     kind = "lowrank"
-    rank: int = 4
+    rank: int | None = None
+    allocation: str = "proportional"
+    ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"delta.lowrank.rank must be >= 1, got {self.rank}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"delta.lowrank.rank must be >= 1 (or left out to use delta.budget_pct), got {self.rank}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"delta.lowrank.allocation must be one of {list(ALLOCATIONS)}, got '{self.allocation}'")
+        if self.rank is None and self.budget_pct is None and not self.ranks:
+            raise ValueError("delta.lowrank needs a rank or delta.budget_pct")
+        bad = {name: r for name, r in self.ranks.items() if not isinstance(r, int) or r < 1}
+        if bad:
+            raise ValueError(f"delta_config.ranks must be integers >= 1; got {dict(list(bad.items())[:3])}")
+
+    @property
+    def enforces_budget(self) -> bool:
+        return self.rank is None and self.budget_pct is not None
+
+    def resolve(self, layout: PatchLayout) -> LowRankConfig:
+        names = [layer.name for layer in layout.layers]
+        if self.ranks:
+            missing, extra = sorted(set(names) - set(self.ranks)), sorted(set(self.ranks) - set(names))
+            if missing or extra:
+                raise DeltapatchError(
+                    f"delta_config.ranks does not fit this base model: no rank for {missing[:3]}, "
+                    f"unknown layers {extra[:3]}; the patch was made for another architecture"
+                )
+            return dataclasses.replace(self, ranks={name: self.ranks[name] for name in names})
+        if self.rank is not None:
+            ranks = {layer.name: min(self.rank, layer.max_rank) for layer in layout.layers}
+        else:
+            ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), self.allocation)  # type: ignore[arg-type]
+        return dataclasses.replace(self, ranks=ranks)
+
+    def layer_config(self, name: str) -> LowRankConfig:
+        if name in self.ranks:
+            return dataclasses.replace(self, rank=self.ranks[name], ranks={})
+        if self.rank is None:
+            raise DeltapatchError(f"no rank for layer '{name}': resolve the config on the network first")
+        return self
 
 
 @register_delta_kind
@@ -37,7 +83,9 @@ class LowRankDelta(DeltaLayer):
         super().__init__(frozen, config)
         weight = frozen.weight
         out_features, fan_in = weight.shape[0], weight[0].numel()
-        rank = min(config.rank, out_features, fan_in)
+        rank = min(config.rank or 0, out_features, fan_in)
+        if rank < 1:
+            raise DeltapatchError("a lowrank Δ layer needs a resolved rank (LowRankConfig.layer_config)")
         self.activation_space = isinstance(frozen, nn.Conv2d) and frozen.groups == 1
         # A: (r, fan_in) with LoRA's Kaiming init; B: (C_out, r) zeros, so ΔW = 0 at start.
         self.lora_A = nn.Parameter(torch.empty(rank, fan_in))

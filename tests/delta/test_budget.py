@@ -1,0 +1,95 @@
+"""The parameter budget: rank allocation (pure), its use by DeltaNetwork, and the explicit override."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltapatch.delta import DeltaNetwork, make_config
+from deltapatch.delta.budget import BudgetError, LayerShape, PatchLayout, allocate_ranks
+from deltapatch.errors import DeltapatchError
+from tests.delta.conftest import random_base
+
+# A thin stem, two mid layers and a fat last layer, like a CNN's.
+LAYERS = (
+    LayerShape("stem", 16, 27),
+    LayerShape("mid1", 64, 576),
+    LayerShape("mid2", 128, 1152),
+    LayerShape("last", 512, 4608),
+)
+
+
+def _cost(ranks: dict[str, int]) -> int:
+    return sum(layer.lowrank_params(ranks[layer.name]) for layer in LAYERS)
+
+
+@pytest.mark.parametrize("allocation", ["proportional", "uniform"])
+@pytest.mark.parametrize("budget", [8_000, 30_000, 120_000])
+def test_ranks_fit_the_budget_and_use_most_of_it(allocation, budget):
+    ranks = allocate_ranks(LAYERS, budget, allocation)
+    assert set(ranks) == {layer.name for layer in LAYERS}
+    assert all(1 <= ranks[layer.name] <= layer.max_rank for layer in LAYERS)
+    assert _cost(ranks) <= budget
+    # Less than one more rank on every layer is left unspent.
+    assert budget - _cost(ranks) < sum(layer.lowrank_params(1) for layer in LAYERS)
+
+
+def test_proportional_gives_each_layer_the_same_fraction_and_uniform_the_same_rank():
+    proportional = allocate_ranks(LAYERS[1:], 100_000, "proportional")
+    fractions = [layer.lowrank_params(proportional[layer.name]) / layer.size for layer in LAYERS[1:]]
+    assert max(fractions) - min(fractions) < 0.02, fractions
+    assert proportional["last"] > proportional["mid2"] > proportional["mid1"]
+    uniform = allocate_ranks(LAYERS, 100_000, "uniform")
+    assert max(uniform.values()) - min(uniform.values()) <= 1
+
+
+def test_weights_tilt_the_allocation_and_ranks_stop_at_full_rank():
+    even = allocate_ranks(LAYERS, 60_000, "uniform")
+    tilted = allocate_ranks(LAYERS, 60_000, "uniform", weights={"stem": 1, "mid1": 4, "mid2": 1, "last": 1})
+    assert tilted["mid1"] > even["mid1"] and tilted["last"] < even["last"]
+    assert allocate_ranks(LAYERS, 10_000_000, "uniform")["stem"] == 16  # full rank of a 16×27 layer
+
+
+def test_a_budget_too_small_is_refused_clearly():
+    with pytest.raises(BudgetError, match="cannot hold a rank-1"):
+        allocate_ranks(LAYERS, 100)
+    layout = PatchLayout(LAYERS, norm_params=1_000, head_params=5_000, base_params=3_000_000)
+    assert layout.delta_budget(3.0) == 90_000 - 6_000
+    with pytest.raises(BudgetError, match=r"raise delta.budget_pct") as error:
+        layout.delta_budget(0.2)
+    assert "6000" in str(error.value)  # the fixed cost of head + norm layers is named
+    with pytest.raises(ValueError, match="unknown rank allocation"):
+        allocate_ranks(LAYERS, 10_000, "random")
+
+
+@pytest.mark.parametrize("allocation", ["proportional", "uniform"])
+def test_default_resnet18_patch_stays_within_3_pct_and_near_the_old_rank_8(allocation):
+    net = DeltaNetwork(random_base())
+    net.add_task("t", 10, make_config("lowrank", {"budget_pct": 3.0, "allocation": allocation}))
+    trainable, total = net.parameter_counts("t")
+    assert 2.7 <= 100 * trainable / total <= 3.0  # rank 8 everywhere was 2.70 %
+    ranks = net.task_configs["t"].ranks
+    assert len(ranks) == 20 and all(r >= 1 for r in ranks.values())
+    lora_a = net.model.layer4[1].conv2.per_task["t"].lora_A
+    assert lora_a.shape[0] == ranks["layer4.1.conv2"]  # the layer really has its allocated rank
+
+
+def test_explicit_rank_overrides_the_budget_and_other_kinds_are_capped():
+    net = DeltaNetwork(random_base())
+    net.add_task("wide", 10, make_config("lowrank", {"budget_pct": 3.0, "rank": 32}))
+    trainable, total = net.parameter_counts("wide")
+    assert 100 * trainable / total > 3.0 and set(net.task_configs["wide"].ranks.values()) <= {27, 32}
+    with pytest.raises(BudgetError, match="above delta.budget_pct 0.05"):
+        net.add_task("chan", 10, make_config("channel", {"budget_pct": 0.05}))
+    assert "chan" not in net.tasks and all("chan" not in w.per_task for _, w in net._wrappers())
+    net.add_task("chan", 10, make_config("channel", {"budget_pct": 3.0}))
+
+
+def test_recorded_ranks_must_fit_the_network():
+    net = DeltaNetwork(random_base())
+    config = make_config("lowrank", {"ranks": {"conv1": 2, "layer9.conv": 3}})
+    with pytest.raises(DeltapatchError, match="does not fit this base model"):
+        net.add_task("t", 3, config)
+    with pytest.raises(ValueError, match="integers >= 1"):
+        make_config("lowrank", {"ranks": {"conv1": 0}})
+    assert net.tasks == [] and torch.is_tensor(net.model.conv1.frozen.weight)
