@@ -1,9 +1,11 @@
 """A parameter budget for a patch, and the per-layer ranks that fit it.
 
-A patch holds Δs on every wrapped conv/linear, its own norm-layer parameters and its own head.
-`delta.budget_pct` caps the total as a percentage of the base model's parameters, whatever the
-architecture: the norm layers and the head are a fixed cost, and what is left is shared among the
-Δ layers by `allocate_ranks`, a pure function of the layers' shapes.
+A patch stores Δs on every wrapped conv/linear, its own norm layers (affine parameters and, for
+BatchNorm, running statistics) and its own head. `delta.budget_pct` caps everything it stores as a
+percentage of the base model's parameters, whatever the architecture — so both its trainable
+parameters and its file stay within that share of the base. The norm layers and the head are a
+fixed cost; what is left is shared among the Δ layers by `allocate_ranks`, a pure function of the
+layers' shapes.
 
     layout = net.patch_layout(num_classes=10)            # shapes + fixed costs of one patch
     ranks = allocate_ranks(layout.layers, layout.delta_budget(3.0), "proportional")
@@ -56,41 +58,41 @@ class PatchLayout:
     """What one patch on a given base costs, in parameters, before its Δs are sized."""
 
     layers: tuple[LayerShape, ...]  # the Δ-wrapped conv/linear layers, in module order
-    norm_params: int                # trainable parameters of the task's own norm layers
+    norm_state: int                 # values of the task's own norm layers: affine + running statistics
     head_params: int                # the task's classifier (weight + bias)
     base_params: int                # every parameter of the base model
 
     @property
     def fixed_params(self) -> int:
-        return self.norm_params + self.head_params
+        return self.norm_state + self.head_params
 
     def budget_params(self, budget_pct: float) -> int:
         return math.floor(budget_pct / 100.0 * self.base_params)
 
     def delta_budget(self, budget_pct: float) -> int:
-        """Parameters left for the Δs once the norm layers and the head are paid for."""
+        """Values left for the Δs once the norm layers and the head are paid for."""
         left = self.budget_params(budget_pct) - self.fixed_params
-        if left < sum(layer.lowrank_params(1) for layer in self.layers):
-            minimum = self.fixed_params + sum(layer.lowrank_params(1) for layer in self.layers)
+        if left < 0:
             raise BudgetError(
-                f"delta.budget_pct {budget_pct:g} allows {self.budget_params(budget_pct)} parameters, but the head "
-                f"and norm layers alone take {self.fixed_params} and a rank-1 Δ on each of the {len(self.layers)} "
-                f"layers needs {minimum - self.fixed_params} more (at least "
-                f"{100.0 * minimum / self.base_params:.2f} % of the base); raise delta.budget_pct or use "
-                f"delta.kind: channel"
+                f"delta.budget_pct {budget_pct:g} allows {self.budget_params(budget_pct)} values, but the head and "
+                f"the norm layers (parameters and statistics) alone take {self.fixed_params} "
+                f"({100.0 * self.fixed_params / self.base_params:.2f} % of the base); raise delta.budget_pct"
             )
         return left
 
 
 def allocate_ranks(layers: Sequence[LayerShape], budget: int, allocation: str = "proportional",
                    weights: Mapping[str, float] | None = None) -> dict[str, int]:
-    """Ranks ≥ 1 (and ≤ full rank) for `layers` whose Δs total at most `budget` parameters.
+    """Ranks (≤ full rank) for `layers` whose Δs total at most `budget` parameters.
 
     `proportional`: layer l's ideal rank is ρ·size_l/(out_l + fan_in_l), i.e. its Δ costs the same
     fraction ρ of its own size everywhere; `uniform`: ρ everywhere. `weights` (mean ~1, > 0)
     multiply each layer's ideal rank. ρ is the largest value whose rounded-down ranks fit; the
     parameters left over then go, one rank at a time, to the layers furthest below their ideal
     (rounded up). What stays unspent is less than one more rank on every layer.
+
+    Every layer gets rank ≥ 1 when the budget pays for that; otherwise (thin networks, tight
+    budgets) layers whose ideal rank rounds down to 0 may get no Δ at all (rank 0).
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown rank allocation '{allocation}'; available: {list(ALLOCATIONS)}")
@@ -104,14 +106,16 @@ def allocate_ranks(layers: Sequence[LayerShape], budget: int, allocation: str = 
             raise ValueError(f"rank weight of layer '{layer.name}' must be > 0, got {weight}")
         shares[layer.name] = share * weight
 
+    if budget < 0:
+        raise BudgetError(f"a Δ budget of {budget} parameters is negative")
+    min_rank = 1 if sum(s.lowrank_params(1) for s in layers) <= budget else 0
+
     def ranks_at(rho: float) -> dict[str, int]:
-        return {s.name: max(1, min(s.max_rank, math.floor(rho * shares[s.name]))) for s in layers}
+        return {s.name: max(min_rank, min(s.max_rank, math.floor(rho * shares[s.name]))) for s in layers}
 
     def cost(ranks: Mapping[str, int]) -> int:
         return sum(s.lowrank_params(ranks[s.name]) for s in layers)
 
-    if cost(ranks_at(0.0)) > budget:
-        raise BudgetError(f"{budget} parameters cannot hold a rank-1 Δ on each of the {len(layers)} layers")
     low, high = 0.0, max(s.max_rank / shares[s.name] for s in layers) + 1.0
     for _ in range(60):  # bisection on ρ: cost(ranks_at(ρ)) is non-decreasing in ρ
         middle = (low + high) / 2

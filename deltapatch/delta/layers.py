@@ -92,6 +92,9 @@ class DeltaWrapped(TaskRoutedModule):
 # statistics (the Δ-Networks recipe; the base statistics are never updated). LayerNorm (ConvNeXt),
 # GroupNorm, InstanceNorm: own affine parameters; their statistics are computed per sample, so there
 # is nothing frozen to keep apart. A norm layer with no parameters and no buffers is left shared.
+# A task's BatchNorm statistics move with momentum ≥ TASK_BN_MOMENTUM: a patch trains for tens to
+# thousands of steps, and a base built with 0.01 (MobileNetV3) would leave them mostly the base's.
+TASK_BN_MOMENTUM = 0.1
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm,
 )
@@ -115,6 +118,8 @@ class TaskNorm(TaskRoutedModule):
         own = copy.deepcopy(self.frozen)
         for param in own.parameters():
             param.requires_grad_(True)
+        if isinstance(own, nn.modules.batchnorm._BatchNorm):
+            own.momentum = max(own.momentum or 0.0, TASK_BN_MOMENTUM)
         self.per_task[task] = own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -76,22 +76,23 @@ class DeltaNetwork(nn.Module):
 
     def patch_layout(self, num_classes: int) -> PatchLayout:
         """The shapes and fixed costs of one patch with a `num_classes` head (for the budget)."""
-        layers, norm_params, head_params = [], 0, 0
+        layers, norm_state, head_params = [], 0, 0
         for name, wrapper in self._wrappers():
             if isinstance(wrapper, DeltaWrapped):
                 weight = wrapper.frozen.weight
                 layers.append(LayerShape(name, int(weight.shape[0]), int(weight[0].numel())))
             elif isinstance(wrapper, TaskNorm):
-                norm_params += sum(p.numel() for p in wrapper.frozen.parameters())
+                norm_state += sum(t.numel() for t in wrapper.frozen.state_dict().values())
             elif isinstance(wrapper, TaskHeads):
                 head_params = (wrapper.frozen.in_features + 1) * num_classes
-        return PatchLayout(tuple(layers), norm_params, head_params, self.base_params)
+        return PatchLayout(tuple(layers), norm_state, head_params, self.base_params)
 
     def add_task(self, task: str, num_classes: int, config: DeltaConfig) -> None:
         """Create a fresh, zero-initialised patch: with it selected the network equals the base
         (apart from the new head). `config` is first resolved for this network (e.g. per-layer
-        ranks under its budget); the resolved config is `task_configs[task]`. A patch above its
-        config's `budget_pct` is refused."""
+        ranks under its budget); the resolved config is `task_configs[task]`. A patch that stores
+        more values (Δs, norm parameters and statistics, head) than its config's `budget_pct` of
+        the base's parameters is refused."""
         validate_task_name(task)
         if task in self.task_configs:
             raise DeltapatchError(f"task '{task}' is already loaded; remove_task('{task}') first")
@@ -104,13 +105,13 @@ class DeltaNetwork(nn.Module):
             wrapper.per_task[task].to(device)
         self.task_configs[task] = config
         self.router.known_tasks.add(task)
-        trainable, total = self.parameter_counts(task)
-        if config.enforces_budget and trainable > config.budget_pct / 100.0 * total:  # type: ignore[operator]
+        stored = sum(t.numel() for t in self.task_state_dict(task).values())
+        if config.enforces_budget and stored > config.budget_pct / 100.0 * self.base_params:  # type: ignore[operator]
             self.remove_task(task)
             raise BudgetError(
-                f"a {config.kind} patch for '{task}' has {trainable} trainable parameters, "
-                f"{100.0 * trainable / total:.2f} % of the base, above delta.budget_pct {config.budget_pct:g}; "
-                f"raise delta.budget_pct or pick a smaller Δ"
+                f"a {config.kind} patch for '{task}' stores {stored} values (Δs, norm layers, head), "
+                f"{100.0 * stored / self.base_params:.2f} % of the base's parameters, above delta.budget_pct "
+                f"{config.budget_pct:g}; raise delta.budget_pct or pick a smaller Δ"
             )
 
     def remove_task(self, task: str) -> None:

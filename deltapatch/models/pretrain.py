@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from filelock import FileLock
 from safetensors.torch import save_file
+from torch import nn
 
 from deltapatch.config import ConfigError, resolve_path, section, state_dir
+from deltapatch.data.dataset import Split
 from deltapatch.data.sources import BUILTIN_PREFIX, base_eval_data
 from deltapatch.errors import DeltapatchError
 from deltapatch.fingerprint import fingerprint
@@ -24,6 +26,7 @@ from deltapatch.train import (
     TrainSettings,
     accuracy,
     apply_threads,
+    batches,
     fit,
     predict_logits,
     resolve_device,
@@ -53,6 +56,28 @@ class PretrainFailed(DeltapatchError):
 def chance_accuracy(labels: Any) -> float:
     """Accuracy of always answering the most frequent class (labels: (N,) int tensor)."""
     return float(labels.bincount().max()) / len(labels) if len(labels) else 0.0
+
+
+def precise_batchnorm(model: nn.Module, split: Split, norm: Normalizer, batch_size: int) -> None:
+    """Re-estimate every BatchNorm's running statistics as the exact average over `split` with the
+    final weights ("precise BN"). Some families (MobileNetV3: momentum 0.01) are built for hundreds of
+    thousands of steps; after a short pre-training their running averages still sit near the
+    initial 0/1, and the saved base scored chance in eval mode although it had learnt the task."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    model.eval()  # dropout / stochastic depth off: only the BatchNorms see training-mode batches
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+        bn.train()
+    with torch.no_grad():
+        for images, _ in batches(split, batch_size, shuffle=False):
+            model(norm(images))
+    for bn, momentum in zip(bns, saved, strict=True):
+        bn.momentum = momentum
+    model.eval()
 
 
 def is_embedded_base(params: dict[str, Any]) -> bool:
@@ -127,6 +152,7 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     norm = Normalizer(settings.mean, settings.std, device)
     trainable = Trainable(model, list(model.parameters()), model.state_dict, model.load_state_dict)
     fit(trainable, data, train_settings, norm, seed=seed, desc=f"pretrain {settings.arch} on {data.name}", progress=progress)
+    precise_batchnorm(model, data.train, norm, train_settings.batch_size)
     test_acc = accuracy(predict_logits(model, data.test, norm), data.test.labels)
     chance = chance_accuracy(data.test.labels)
     if test_acc < chance + pretrain.min_gain_over_chance:

@@ -24,11 +24,12 @@ def _cost(ranks: dict[str, int]) -> int:
 
 
 @pytest.mark.parametrize("allocation", ["proportional", "uniform"])
-@pytest.mark.parametrize("budget", [8_000, 30_000, 120_000])
+@pytest.mark.parametrize("budget", [3_000, 8_000, 30_000, 120_000])
 def test_ranks_fit_the_budget_and_use_most_of_it(allocation, budget):
     ranks = allocate_ranks(LAYERS, budget, allocation)
     assert set(ranks) == {layer.name for layer in LAYERS}
-    assert all(1 <= ranks[layer.name] <= layer.max_rank for layer in LAYERS)
+    assert all(0 <= ranks[layer.name] <= layer.max_rank for layer in LAYERS)
+    assert min(ranks.values()) >= (1 if budget >= _cost(dict.fromkeys(ranks, 1)) else 0)
     assert _cost(ranks) <= budget
     # Less than one more rank on every layer is left unspent.
     assert budget - _cost(ranks) < sum(layer.lowrank_params(1) for layer in LAYERS)
@@ -50,13 +51,17 @@ def test_weights_tilt_the_allocation_and_ranks_stop_at_full_rank():
     assert allocate_ranks(LAYERS, 10_000_000, "uniform")["stem"] == 16  # full rank of a 16×27 layer
 
 
-def test_a_budget_too_small_is_refused_clearly():
-    with pytest.raises(BudgetError, match="cannot hold a rank-1"):
-        allocate_ranks(LAYERS, 100)
-    layout = PatchLayout(LAYERS, norm_params=1_000, head_params=5_000, base_params=3_000_000)
+def test_a_tight_budget_leaves_the_smallest_layers_without_a_delta():
+    ranks = allocate_ranks(LAYERS, 6_000)  # less than rank 1 everywhere (7083)
+    assert _cost(ranks) <= 6_000 and ranks["last"] == 1 and ranks["mid2"] == 0
+    assert allocate_ranks(LAYERS, 7_083) == {"stem": 1, "mid1": 1, "mid2": 1, "last": 1}
+
+
+def test_a_budget_below_the_fixed_cost_is_refused_clearly():
+    layout = PatchLayout(LAYERS, norm_state=1_000, head_params=5_000, base_params=3_000_000)
     assert layout.delta_budget(3.0) == 90_000 - 6_000
     with pytest.raises(BudgetError, match=r"raise delta.budget_pct") as error:
-        layout.delta_budget(0.2)
+        layout.delta_budget(0.1)
     assert "6000" in str(error.value)  # the fixed cost of head + norm layers is named
     with pytest.raises(ValueError, match="unknown rank allocation"):
         allocate_ranks(LAYERS, 10_000, "random")
@@ -67,7 +72,8 @@ def test_default_resnet18_patch_stays_within_3_pct_and_near_the_old_rank_8(alloc
     net = DeltaNetwork(random_base())
     net.add_task("t", 10, make_config("lowrank", {"budget_pct": 3.0, "allocation": allocation}))
     trainable, total = net.parameter_counts("t")
-    assert 2.7 <= 100 * trainable / total <= 3.0  # rank 8 everywhere was 2.70 %
+    stored = sum(t.numel() for t in net.task_state_dict("t").values())  # + BatchNorm statistics
+    assert 2.7 <= 100 * trainable / total < 100 * stored / total <= 3.0  # rank 8 everywhere was 2.70 %
     ranks = net.task_configs["t"].ranks
     assert len(ranks) == 20 and all(r >= 1 for r in ranks.values())
     lora_a = net.model.layer4[1].conv2.per_task["t"].lora_A
@@ -79,7 +85,7 @@ def test_explicit_rank_overrides_the_budget_and_other_kinds_are_capped():
     net.add_task("wide", 10, make_config("lowrank", {"budget_pct": 3.0, "rank": 32}))
     trainable, total = net.parameter_counts("wide")
     assert 100 * trainable / total > 3.0 and set(net.task_configs["wide"].ranks.values()) <= {27, 32}
-    with pytest.raises(BudgetError, match="above delta.budget_pct 0.05"):
+    with pytest.raises(BudgetError, match=r"stores \d+ values .* above delta.budget_pct 0.05"):
         net.add_task("chan", 10, make_config("channel", {"budget_pct": 0.05}))
     assert "chan" not in net.tasks and all("chan" not in w.per_task for _, w in net._wrappers())
     net.add_task("chan", 10, make_config("channel", {"budget_pct": 3.0}))
@@ -90,6 +96,30 @@ def test_recorded_ranks_must_fit_the_network():
     config = make_config("lowrank", {"ranks": {"conv1": 2, "layer9.conv": 3}})
     with pytest.raises(DeltapatchError, match="does not fit this base model"):
         net.add_task("t", 3, config)
-    with pytest.raises(ValueError, match="integers >= 1"):
-        make_config("lowrank", {"ranks": {"conv1": 0}})
+    with pytest.raises(ValueError, match="integers >= 0"):
+        make_config("lowrank", {"ranks": {"conv1": -1}})
     assert net.tasks == [] and torch.is_tensor(net.model.conv1.frozen.weight)
+
+
+@torch.no_grad()
+def test_layers_left_without_a_delta_save_load_and_merge(tmp_path, images):
+    from deltapatch.delta.patch import PatchMeta, load_patch, save_patch
+    from tests.delta.conftest import perturb
+
+    net = DeltaNetwork(random_base())
+    net.add_task("thin", 3, make_config("lowrank", {"budget_pct": 0.5}))  # rank 1 everywhere would not fit
+    ranks = net.task_configs["thin"].ranks
+    assert 0 in ranks.values() and max(ranks.values()) >= 1
+    assert sum(t.numel() for t in net.task_state_dict("thin").values()) <= 0.005 * net.base_params
+    perturb(net.task_parameters("thin"))
+    expected = net.select("thin")(images)
+    meta = PatchMeta(task="thin", class_names=["a", "b", "c"], delta_kind="lowrank",
+                     delta_config=net.task_configs["thin"].to_dict(), base_arch="resnet18",
+                     base_fingerprint=net.base_fingerprint, input_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    save_patch(net, meta, tmp_path)
+    target = DeltaNetwork(random_base())
+    load_patch(target, tmp_path)
+    assert target.task_configs["thin"].ranks == ranks
+    assert torch.equal(target.select("thin")(images), expected)
+    target.merge("thin")
+    torch.testing.assert_close(target(images), expected, rtol=1e-4, atol=1e-4)

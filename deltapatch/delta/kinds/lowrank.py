@@ -29,7 +29,8 @@ from deltapatch.errors import DeltapatchError
 class LowRankConfig(DeltaConfig):
     """`rank`: one rank for every layer (an explicit override of the budget); None: per-layer ranks
     allocated under `budget_pct` by `allocation`. `ranks` holds the per-layer ranks once resolved
-    for a network (that is what patch.json records, and what loading a patch reuses)."""
+    for a network (that is what patch.json records, and what loading a patch reuses); rank 0 = no Δ
+    on that layer (a budget too tight for every layer)."""
 
     kind = "lowrank"
     rank: int | None = None
@@ -37,15 +38,15 @@ class LowRankConfig(DeltaConfig):
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.rank is not None and self.rank < 1:
+        if self.rank is not None and self.rank < 0:
             raise ValueError(f"delta.lowrank.rank must be >= 1 (or left out to use delta.budget_pct), got {self.rank}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"delta.lowrank.allocation must be one of {list(ALLOCATIONS)}, got '{self.allocation}'")
         if self.rank is None and self.budget_pct is None and not self.ranks:
             raise ValueError("delta.lowrank needs a rank or delta.budget_pct")
-        bad = {name: r for name, r in self.ranks.items() if not isinstance(r, int) or r < 1}
+        bad = {name: r for name, r in self.ranks.items() if not isinstance(r, int) or r < 0}
         if bad:
-            raise ValueError(f"delta_config.ranks must be integers >= 1; got {dict(list(bad.items())[:3])}")
+            raise ValueError(f"delta_config.ranks must be integers >= 0; got {dict(list(bad.items())[:3])}")
 
     @property
     def enforces_budget(self) -> bool:
@@ -83,9 +84,11 @@ class LowRankDelta(DeltaLayer):
         super().__init__(frozen, config)
         weight = frozen.weight
         out_features, fan_in = weight.shape[0], weight[0].numel()
-        rank = min(config.rank or 0, out_features, fan_in)
-        if rank < 1:
+        if config.rank is None:
             raise DeltapatchError("a lowrank Δ layer needs a resolved rank (LowRankConfig.layer_config)")
+        rank = self.rank = min(config.rank, out_features, fan_in)
+        if rank == 0:  # the budget left this layer without a Δ: the task uses the frozen layer as is
+            return
         self.activation_space = isinstance(frozen, nn.Conv2d) and frozen.groups == 1
         # A: (r, fan_in) with LoRA's Kaiming init; B: (C_out, r) zeros, so ΔW = 0 at start.
         self.lora_A = nn.Parameter(torch.empty(rank, fan_in))
@@ -94,9 +97,13 @@ class LowRankDelta(DeltaLayer):
 
     def delta_weight(self, frozen: FrozenLayer) -> torch.Tensor:
         """ΔW with the frozen weight's shape, e.g. (C_out, C_in/groups, k, k)."""
+        if self.rank == 0:
+            return torch.zeros_like(frozen.weight)
         return (self.lora_B @ self.lora_A).view_as(frozen.weight)
 
     def forward(self, x: torch.Tensor, frozen_out: torch.Tensor, frozen: FrozenLayer) -> torch.Tensor:
+        if self.rank == 0:
+            return frozen_out
         if isinstance(frozen, nn.Linear):
             return frozen_out + F.linear(F.linear(x, self.lora_A), self.lora_B)
         if self.activation_space:
