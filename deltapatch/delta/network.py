@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from deltapatch.delta.budget import BudgetError, LayerShape, PatchLayout
+from deltapatch.delta.budget import TENSOR_OVERHEAD, BudgetError, LayerShape, PatchLayout
 from deltapatch.delta.kinds import DeltaConfig
 from deltapatch.delta.layers import DeltaWrapped, TaskHeads, TaskNorm, TaskRoutedModule, is_task_norm
 from deltapatch.delta.routing import BASE, Router
@@ -76,16 +76,18 @@ class DeltaNetwork(nn.Module):
 
     def patch_layout(self, num_classes: int) -> PatchLayout:
         """The shapes and fixed costs of one patch with a `num_classes` head (for the budget)."""
-        layers, norm_state, head_params = [], 0, 0
+        layers, norm_state, head_params, fixed_tensors = [], 0, 0, 2  # the head's weight and bias
         for name, wrapper in self._wrappers():
             if isinstance(wrapper, DeltaWrapped):
                 weight = wrapper.frozen.weight
                 layers.append(LayerShape(name, int(weight.shape[0]), int(weight[0].numel())))
             elif isinstance(wrapper, TaskNorm):
-                norm_state += sum(t.numel() for t in wrapper.frozen.state_dict().values())
+                state = wrapper.frozen.state_dict()
+                norm_state += sum(t.numel() for t in state.values())
+                fixed_tensors += len(state)
             elif isinstance(wrapper, TaskHeads):
                 head_params = (wrapper.frozen.in_features + 1) * num_classes
-        return PatchLayout(tuple(layers), norm_state, head_params, self.base_params)
+        return PatchLayout(tuple(layers), norm_state, head_params, self.base_params, fixed_tensors)
 
     def add_task(self, task: str, num_classes: int, config: DeltaConfig) -> None:
         """Create a fresh, zero-initialised patch: with it selected the network equals the base
@@ -105,11 +107,12 @@ class DeltaNetwork(nn.Module):
             wrapper.per_task[task].to(device)
         self.task_configs[task] = config
         self.router.known_tasks.add(task)
-        stored = sum(t.numel() for t in self.task_state_dict(task).values())
+        state = self.task_state_dict(task)
+        stored = sum(t.numel() for t in state.values()) + TENSOR_OVERHEAD * len(state)
         if config.enforces_budget and stored > config.budget_pct / 100.0 * self.base_params:  # type: ignore[operator]
             self.remove_task(task)
             raise BudgetError(
-                f"a {config.kind} patch for '{task}' stores {stored} values (Δs, norm layers, head), "
+                f"a {config.kind} patch for '{task}' stores {stored} values (Δs, norm layers, head, file overhead), "
                 f"{100.0 * stored / self.base_params:.2f} % of the base's parameters, above delta.budget_pct "
                 f"{config.budget_pct:g}; raise delta.budget_pct or pick a smaller Δ"
             )

@@ -55,7 +55,7 @@ def test_family_wraps_within_budget_and_keeps_the_base_exact(arch):
     assert sum(isinstance(w, TaskHeads) for w in wrappers) == 1
     assert sum(isinstance(w, TaskNorm) for w in wrappers) == norms > 0
 
-    # Budget: the default (3 %, proportional ranks) holds Δs + norm layers (with statistics) + head.
+    # Budget: the default (3 %, uniform ranks) holds Δs + norm layers (with statistics) + head.
     net.add_task("t", 5, make_config("lowrank", {"budget_pct": 3.0}))
     trainable, total = net.parameter_counts("t")
     stored = sum(t.numel() for t in net.task_state_dict("t").values())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltapatch.delta import DeltaNetwork, make_config
-from deltapatch.delta.budget import BudgetError, LayerShape, PatchLayout, allocate_ranks
+from deltapatch.delta.budget import TENSOR_OVERHEAD, BudgetError, LayerShape, PatchLayout, allocate_ranks
 from deltapatch.errors import DeltapatchError
 from tests.delta.conftest import random_base
 
@@ -58,11 +58,11 @@ def test_a_tight_budget_leaves_the_smallest_layers_without_a_delta():
 
 
 def test_a_budget_below_the_fixed_cost_is_refused_clearly():
-    layout = PatchLayout(LAYERS, norm_state=1_000, head_params=5_000, base_params=3_000_000)
-    assert layout.delta_budget(3.0) == 90_000 - 6_000
+    layout = PatchLayout(LAYERS, norm_state=1_000, head_params=5_000, base_params=3_000_000, fixed_tensors=12)
+    assert layout.delta_budget(3.0) == 90_000 - 6_000 - TENSOR_OVERHEAD * (12 + 2 * len(LAYERS))
     with pytest.raises(BudgetError, match=r"raise delta.budget_pct") as error:
         layout.delta_budget(0.1)
-    assert "6000" in str(error.value)  # the fixed cost of head + norm layers is named
+    assert str(layout.fixed_params) in str(error.value)  # the fixed cost of head + norm layers is named
     with pytest.raises(ValueError, match="unknown rank allocation"):
         allocate_ranks(LAYERS, 10_000, "random")
 

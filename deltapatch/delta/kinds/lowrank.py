@@ -34,7 +34,7 @@ class LowRankConfig(DeltaConfig):
 
     kind = "lowrank"
     rank: int | None = None
-    allocation: str = "proportional"
+    allocation: str = "uniform"  # measured against proportional: docs/benchmark.md
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
