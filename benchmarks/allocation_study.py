@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     lowrank = {"allocation": variant}
                 run["delta"]["lowrank"] = lowrank
+                run["delta"]["budget_pct"] = budget  # the budget is opt-in: switch it on for every variant
                 started = time.perf_counter()
                 result = train_patch(run, data, out_dir=args.out.parent / "patches" / f"{task}-{variant}-{seed}",
                                      session=session, progress=False)

@@ -18,7 +18,6 @@ from deltapatch.config import section
 from deltapatch.data.dataset import TaskData
 from deltapatch.data.sources import base_eval_data
 from deltapatch.delta import DeltaNetwork, make_config
-from deltapatch.delta.budget import DEFAULT_BUDGET_PCT
 from deltapatch.delta.patch import PatchMeta, patch_bytes, save_patch
 from deltapatch.evaluate import BaseCheck, base_check, pristine_logits
 from deltapatch.models.base import BaseModel, load_base
@@ -38,10 +37,11 @@ from deltapatch.train import (
 
 @dataclass
 class DeltaSettings:
-    """params.yaml `delta:` section: the kind, the patch's parameter budget and each kind's options."""
+    """params.yaml `delta:` section: the kind, the patch's parameter budget (None: off, the default)
+    and each kind's options."""
 
     kind: str = "channel"
-    budget_pct: float | None = DEFAULT_BUDGET_PCT
+    budget_pct: float | None = None
     lowrank: dict[str, Any] = field(default_factory=dict)
     channel: dict[str, Any] = field(default_factory=dict)
 

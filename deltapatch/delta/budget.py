@@ -8,6 +8,9 @@ parameters and its file stay within that share of the base (every stored tensor 
 layers and the head are a fixed cost; what is left is shared among the Δ layers by
 `allocate_ranks`, a pure function of the layers' shapes.
 
+The budget is opt-in for now: `delta.budget_pct: null` (the default) keeps one rank on every layer
+(params.yaml: rank 8) until the benchmark table is re-run under the budget.
+
     layout = net.patch_layout(num_classes=10)            # shapes + fixed costs of one patch
     ranks = allocate_ranks(layout.layers, layout.delta_budget(3.0), "uniform")
 
@@ -26,7 +29,6 @@ from dataclasses import dataclass
 
 from deltapatch.errors import DeltapatchError
 
-DEFAULT_BUDGET_PCT = 3.0
 ALLOCATIONS = ("proportional", "uniform")
 # Values (float32: 4 bytes each) charged per stored tensor for the file format. Measured on a
 # resnet18 patch: 79 bytes of safetensors header per tensor; a rank line in patch.json adds ~30.

@@ -38,6 +38,8 @@ class SensitivityMeter:
 
     @torch.no_grad()
     def _update(self, param: torch.nn.Parameter) -> None:
+        if param.grad is None:
+            return
         key = id(param)
         ipt = (param * param.grad).abs()
         avg = self.sensitivity.get(key, torch.zeros_like(ipt))

@@ -1,7 +1,7 @@
 """DeltaNetwork: a frozen CNN with per-task Δ-patches, task routing, merge and mixed batches.
 
     net = DeltaNetwork(base_model)              # wraps in place; base weights frozen
-    net.add_task("glyphs", num_classes=10, config=LowRankConfig())  # ranks sized to the budget
+    net.add_task("glyphs", num_classes=10, config=LowRankConfig(rank=8))  # budget_pct=3: ranks sized to a 3 % budget
     net.select("glyphs")(x)                     # base + the glyphs patch
     net.select("base")(x)                       # bit-identical to base_model(x)
     net(x, tasks=["base", "glyphs", ...])       # mixed batch, one forward
@@ -91,10 +91,10 @@ class DeltaNetwork(nn.Module):
 
     def add_task(self, task: str, num_classes: int, config: DeltaConfig) -> None:
         """Create a fresh, zero-initialised patch: with it selected the network equals the base
-        (apart from the new head). `config` is first resolved for this network (e.g. per-layer
-        ranks under its budget); the resolved config is `task_configs[task]`. A patch that stores
-        more values (Δs, norm parameters and statistics, head) than its config's `budget_pct` of
-        the base's parameters is refused."""
+        (apart from the new head). `config` is first resolved for this network (with a budget:
+        per-layer ranks under it); the resolved config is `task_configs[task]`. With
+        `config.budget_pct` set (opt-in), a patch that stores more values (Δs, norm parameters and
+        statistics, head, file overhead) than that share of the base's parameters is refused."""
         validate_task_name(task)
         if task in self.task_configs:
             raise DeltapatchError(f"task '{task}' is already loaded; remove_task('{task}') first")
@@ -109,7 +109,7 @@ class DeltaNetwork(nn.Module):
         self.router.known_tasks.add(task)
         state = self.task_state_dict(task)
         stored = sum(t.numel() for t in state.values()) + TENSOR_OVERHEAD * len(state)
-        if config.enforces_budget and stored > config.budget_pct / 100.0 * self.base_params:  # type: ignore[operator]
+        if config.budget_pct is not None and stored > config.budget_pct / 100.0 * self.base_params:
             self.remove_task(task)
             raise BudgetError(
                 f"a {config.kind} patch for '{task}' stores {stored} values (Δs, norm layers, head, file overhead), "

@@ -35,8 +35,8 @@ from deltapatch.train import (
 
 @dataclass
 class PretrainSettings:
-    """params.yaml `pretrain:` section: overrides of `train:` for pre-training the base, and the
-    least test accuracy above chance a base must reach to be saved."""
+    """params.yaml `pretrain:` section: overrides of `train:` for pre-training the base, the least
+    test accuracy above chance a base must reach to be saved, and the (opt-in) precise-BatchNorm step."""
 
     epochs: int = 8
     batch_size: int = 64
@@ -47,22 +47,26 @@ class PretrainSettings:
     augment_translate: float = 0.0
     augment_scale: float = 0.0
     min_gain_over_chance: float = 0.1
+    precise_bn_batches: int = 0  # > 0: precise BatchNorm statistics over this many batches (0: off)
 
 
 class PretrainFailed(DeltapatchError):
     """Pre-training produced a base no better than chance; nothing was saved."""
 
 
-def chance_accuracy(labels: Any) -> float:
-    """Accuracy of always answering the most frequent class (labels: (N,) int tensor)."""
+def chance_accuracy(labels: torch.Tensor) -> float:
+    """Accuracy of always answering the most frequent class (labels: (N,) int64)."""
     return float(labels.bincount().max()) / len(labels) if len(labels) else 0.0
 
 
-def precise_batchnorm(model: nn.Module, split: Split, norm: Normalizer, batch_size: int) -> None:
-    """Re-estimate every BatchNorm's running statistics as the exact average over `split` with the
-    final weights ("precise BN"). Some families (MobileNetV3: momentum 0.01) are built for hundreds of
-    thousands of steps; after a short pre-training their running averages still sit near the
-    initial 0/1, and the saved base scored chance in eval mode although it had learnt the task."""
+def precise_batchnorm(model: nn.Module, split: Split, norm: Normalizer, batch_size: int,
+                      max_batches: int | None = None) -> None:
+    """Re-estimate every BatchNorm's running statistics as the exact average over `split` (its first
+    `max_batches` batches; None: all) with the final weights ("precise BN"). Some families
+    (MobileNetV3: momentum 0.01) are built for hundreds of thousands of steps; after a short
+    pre-training their running averages still sit near the initial 0/1, and the saved base scored
+    chance in eval mode although it had learnt the task. Opt-in (`pretrain.precise_bn_batches`): it
+    changes the saved base."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -73,7 +77,9 @@ def precise_batchnorm(model: nn.Module, split: Split, norm: Normalizer, batch_si
         bn.momentum = None  # cumulative average over the batches below
         bn.train()
     with torch.no_grad():
-        for images, _ in batches(split, batch_size, shuffle=False):
+        for index, (images, _) in enumerate(batches(split, batch_size, shuffle=False)):
+            if max_batches is not None and index >= max_batches:
+                break
             model(norm(images))
     for bn, momentum in zip(bns, saved, strict=True):
         bn.momentum = momentum
@@ -138,10 +144,12 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     weights = resolve_path(params, settings.weights)
     if weights.exists() and not force:
         return weights
-    # Every `pretrain:` field but the acceptance threshold overrides the `train:` field of the same name.
+    # Every `pretrain:` field but the acceptance threshold and precise BN overrides the `train:` field
+    # of the same name.
     pretrain = section(params, "pretrain", PretrainSettings)
     overrides = dataclasses.asdict(pretrain)
-    overrides.pop("min_gain_over_chance")
+    for own in ("min_gain_over_chance", "precise_bn_batches"):
+        overrides.pop(own)
     train_settings = dataclasses.replace(section(params, "train", TrainSettings), **overrides)
     apply_threads(train_settings)
     device = resolve_device(train_settings.device)
@@ -152,7 +160,8 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     norm = Normalizer(settings.mean, settings.std, device)
     trainable = Trainable(model, list(model.parameters()), model.state_dict, model.load_state_dict)
     fit(trainable, data, train_settings, norm, seed=seed, desc=f"pretrain {settings.arch} on {data.name}", progress=progress)
-    precise_batchnorm(model, data.train, norm, train_settings.batch_size)
+    if pretrain.precise_bn_batches > 0:  # opt-in: it changes the saved statistics, i.e. the base
+        precise_batchnorm(model, data.train, norm, train_settings.batch_size, pretrain.precise_bn_batches)
     test_acc = accuracy(predict_logits(model, data.test, norm), data.test.labels)
     chance = chance_accuracy(data.test.labels)
     if test_acc < chance + pretrain.min_gain_over_chance:

@@ -1,4 +1,4 @@
-"""The parameter budget: rank allocation (pure), its use by DeltaNetwork, and the explicit override."""
+"""The parameter budget (opt-in): rank allocation (pure), its use by DeltaNetwork, and the default without it."""
 
 from __future__ import annotations
 
@@ -80,15 +80,24 @@ def test_default_resnet18_patch_stays_within_3_pct_and_near_the_old_rank_8(alloc
     assert lora_a.shape[0] == ranks["layer4.1.conv2"]  # the layer really has its allocated rank
 
 
-def test_explicit_rank_overrides_the_budget_and_other_kinds_are_capped():
+def test_without_a_budget_one_rank_everywhere_and_the_budget_replaces_it_when_set():
     net = DeltaNetwork(random_base())
-    net.add_task("wide", 10, make_config("lowrank", {"budget_pct": 3.0, "rank": 32}))
+    net.add_task("wide", 10, make_config("lowrank", {"rank": 32}))  # budget off (the default): no cap
     trainable, total = net.parameter_counts("wide")
-    assert 100 * trainable / total > 3.0 and set(net.task_configs["wide"].ranks.values()) <= {27, 32}
+    assert 100 * trainable / total > 3.0 and net.task_configs["wide"].ranks == {}
+    assert net.model.conv1.per_task["wide"].rank == 27 and net.model.layer4[1].conv2.per_task["wide"].rank == 32
+    assert net.task_configs["wide"].to_dict() == {"rank": 32}  # as before the budget
+    net.add_task("fit", 10, make_config("lowrank", {"rank": 32, "budget_pct": 3.0}))  # budget set: rank unused
+    assert 100 * net.parameter_counts("fit")[0] / total <= 3.0 and max(net.task_configs["fit"].ranks.values()) < 32
+
+
+def test_other_kinds_are_capped_by_a_budget():
+    net = DeltaNetwork(random_base())
     with pytest.raises(BudgetError, match=r"stores \d+ values .* above delta.budget_pct 0.05"):
         net.add_task("chan", 10, make_config("channel", {"budget_pct": 0.05}))
     assert "chan" not in net.tasks and all("chan" not in w.per_task for _, w in net._wrappers())
     net.add_task("chan", 10, make_config("channel", {"budget_pct": 3.0}))
+    net.add_task("free", 10, make_config("channel", {}))  # no budget: no cap
 
 
 def test_recorded_ranks_must_fit_the_network():

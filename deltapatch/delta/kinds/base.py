@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltapatch.delta.budget import DEFAULT_BUDGET_PCT, PatchLayout
+from deltapatch.delta.budget import PatchLayout
 
 FrozenLayer = nn.Conv2d | nn.Linear
 
@@ -26,15 +26,20 @@ FrozenLayer = nn.Conv2d | nn.Linear
 class DeltaConfig:
     """Hyper-parameters of a Δ kind. Subclasses set `kind` and add their fields.
 
-    `budget_pct` caps a patch's trainable parameters (Δs + norm layers + head) as a percentage of
-    the base model's (params.yaml `delta.budget_pct`); None: no cap.
+    `budget_pct` (opt-in; params.yaml `delta.budget_pct`) caps everything a patch stores (Δs, norm
+    layers, head, file overhead) as a percentage of the base model's parameters, and sizes kinds
+    that can be sized (lowrank: per-layer ranks); None (the default): no budget, no cap.
     """
 
     kind: ClassVar[str] = ""
-    budget_pct: float | None = DEFAULT_BUDGET_PCT
+    budget_pct: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What patch.json records; without `budget_pct` while it is None (as before the budget)."""
+        values = dataclasses.asdict(self)
+        if values["budget_pct"] is None:
+            del values["budget_pct"]
+        return values
 
     def resolve(self, layout: PatchLayout) -> DeltaConfig:
         """This config completed for one network (e.g. per-layer ranks under the budget); what a
@@ -44,11 +49,6 @@ class DeltaConfig:
     def layer_config(self, name: str) -> DeltaConfig:
         """The config of the Δ on wrapped layer `name` (default: the same for every layer)."""
         return self
-
-    @property
-    def enforces_budget(self) -> bool:
-        """Whether the network must refuse a patch of this config above `budget_pct`."""
-        return self.budget_pct is not None
 
 
 class DeltaLayer(nn.Module, ABC):

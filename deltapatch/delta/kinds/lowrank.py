@@ -5,8 +5,8 @@ to r channels and B a 1×1 convolution back to C_out: the same function as conv(
 the full-size weight gradient. Grouped convolutions (depthwise) and Linear layers use the
 weight-space form, which is cheap for them.
 
-The rank of each layer comes from the patch's parameter budget (`delta.budget_pct`, shared out by
-`deltapatch.delta.budget.allocate_ranks`), unless `rank` fixes one rank for every layer.
+By default `rank` is the rank of every layer. With a parameter budget (`delta.budget_pct`, opt-in)
+each layer's rank comes from `deltapatch.delta.budget.allocate_ranks` instead.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,30 +28,32 @@ from deltapatch.errors import DeltapatchError
 
 @dataclass
 class LowRankConfig(DeltaConfig):
-    """`rank`: one rank for every layer (an explicit override of the budget); None: per-layer ranks
-    allocated under `budget_pct` by `allocation`. `ranks` holds the per-layer ranks once resolved
-    for a network (that is what patch.json records, and what loading a patch reuses); rank 0 = no Δ
-    on that layer (a budget too tight for every layer)."""
+    """`rank`: one rank for every layer, capped at each layer's full rank (the default while
+    `budget_pct` is None, i.e. the budget is off). With `budget_pct` set (opt-in), per-layer ranks
+    are allocated under it by `allocation` instead and `rank` is not used. `ranks` holds the
+    per-layer ranks once allocated for a network (that is what patch.json records, and what loading
+    a patch reuses); rank 0 = no Δ on that layer (a budget too tight for every layer)."""
 
     kind = "lowrank"
-    rank: int | None = None
-    allocation: str = "uniform"  # measured against proportional: docs/benchmark.md
+    rank: int = 4
+    allocation: str = "uniform"  # with budget_pct; measured against proportional: docs/benchmark.md
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.rank is not None and self.rank < 0:
-            raise ValueError(f"delta.lowrank.rank must be >= 1 (or left out to use delta.budget_pct), got {self.rank}")
+        if self.rank < 0:
+            raise ValueError(f"delta.lowrank.rank must be >= 1 (0: no Δ at all), got {self.rank}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"delta.lowrank.allocation must be one of {list(ALLOCATIONS)}, got '{self.allocation}'")
-        if self.rank is None and self.budget_pct is None and not self.ranks:
-            raise ValueError("delta.lowrank needs a rank or delta.budget_pct")
         bad = {name: r for name, r in self.ranks.items() if not isinstance(r, int) or r < 0}
         if bad:
             raise ValueError(f"delta_config.ranks must be integers >= 0; got {dict(list(bad.items())[:3])}")
 
-    @property
-    def enforces_budget(self) -> bool:
-        return self.rank is None and self.budget_pct is not None
+    def to_dict(self) -> dict[str, Any]:
+        """Without the budget's fields while the budget is off: {"rank": r}, as before the budget."""
+        values = super().to_dict()
+        if self.budget_pct is None and not self.ranks:
+            del values["allocation"], values["ranks"]
+        return values
 
     def resolve(self, layout: PatchLayout) -> LowRankConfig:
         names = [layer.name for layer in layout.layers]
@@ -62,18 +65,17 @@ class LowRankConfig(DeltaConfig):
                     f"unknown layers {extra[:3]}; the patch was made for another architecture"
                 )
             return dataclasses.replace(self, ranks={name: self.ranks[name] for name in names})
-        if self.rank is not None:
-            ranks = {layer.name: min(self.rank, layer.max_rank) for layer in layout.layers}
-        else:
-            ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), self.allocation)  # type: ignore[arg-type]
+        if self.budget_pct is None:
+            return self  # `rank` on every layer (LowRankDelta caps it at the layer's full rank)
+        ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), self.allocation)
         return dataclasses.replace(self, ranks=ranks)
 
     def layer_config(self, name: str) -> LowRankConfig:
-        if name in self.ranks:
-            return dataclasses.replace(self, rank=self.ranks[name], ranks={})
-        if self.rank is None:
+        if not self.ranks:
+            return self
+        if name not in self.ranks:
             raise DeltapatchError(f"no rank for layer '{name}': resolve the config on the network first")
-        return self
+        return dataclasses.replace(self, rank=self.ranks[name], ranks={})
 
 
 @register_delta_kind
@@ -84,8 +86,6 @@ class LowRankDelta(DeltaLayer):
         super().__init__(frozen, config)
         weight = frozen.weight
         out_features, fan_in = weight.shape[0], weight[0].numel()
-        if config.rank is None:
-            raise DeltapatchError("a lowrank Δ layer needs a resolved rank (LowRankConfig.layer_config)")
         rank = self.rank = min(config.rank, out_features, fan_in)
         if rank == 0:  # the budget left this layer without a Δ: the task uses the frozen layer as is
             return
