@@ -37,14 +37,16 @@ from deltapatch.train import (
 
 @dataclass
 class DeltaSettings:
-    """params.yaml `delta:` section: the kind and each kind's options."""
+    """params.yaml `delta:` section: the kind, the patch's parameter budget (None: off, the default)
+    and each kind's options."""
 
     kind: str = "channel"
+    budget_pct: float | None = None
     lowrank: dict[str, Any] = field(default_factory=dict)
     channel: dict[str, Any] = field(default_factory=dict)
 
     def options(self, kind: str) -> dict[str, Any]:
-        return dict(getattr(self, kind.replace("-", "_"), None) or {})
+        return {"budget_pct": self.budget_pct, **(getattr(self, kind.replace("-", "_"), None) or {})}
 
 
 @dataclass
@@ -123,7 +125,7 @@ def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: 
     check = base_check(net, session.reference_logits, session.base_data.test, session.norm)
     trainable, total = net.parameter_counts(task)
     meta = PatchMeta(
-        task=task, class_names=data.class_names, delta_kind=kind, delta_config=config.to_dict(),
+        task=task, class_names=data.class_names, delta_kind=kind, delta_config=net.task_configs[task].to_dict(),
         base_arch=session.base.settings.arch, base_fingerprint=net.base_fingerprint,
         input_size=session.base.settings.input_size, mean=session.base.settings.mean, std=session.base.settings.std,
         data_version=data_version,

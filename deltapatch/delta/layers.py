@@ -88,10 +88,28 @@ class DeltaWrapped(TaskRoutedModule):
         return out
 
 
-class TaskBatchNorm(TaskRoutedModule):
-    """Per-task BatchNorm (own affine and running statistics); the base BN is never updated.
+# Normalisation layers a task gets its own copy of. BatchNorm: own affine parameters AND own running
+# statistics (the Δ-Networks recipe; the base statistics are never updated). LayerNorm (ConvNeXt),
+# GroupNorm, InstanceNorm: own affine parameters; their statistics are computed per sample, so there
+# is nothing frozen to keep apart. A norm layer with no parameters and no buffers is left shared.
+# A task's BatchNorm statistics move with momentum ≥ TASK_BN_MOMENTUM: a patch trains for tens to
+# thousands of steps, and a base built with 0.01 (MobileNetV3) would leave them mostly the base's.
+TASK_BN_MOMENTUM = 0.1
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm,
+)
 
-    forward: x (N, C, ...) → (N, C, ...).
+
+def is_task_norm(module: nn.Module) -> bool:
+    """Whether `module` is a norm layer with something a task can own (affine or statistics)."""
+    has_state = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+    return isinstance(module, NORM_TYPES) and has_state
+
+
+class TaskNorm(TaskRoutedModule):
+    """Per-task copy of a norm layer (see NORM_TYPES); the base layer is never updated.
+
+    forward: x (N, ...) → (N, ...), the layer's own layout (channels-first or channels-last).
     """
 
     role = "norm"
@@ -100,6 +118,8 @@ class TaskBatchNorm(TaskRoutedModule):
         own = copy.deepcopy(self.frozen)
         for param in own.parameters():
             param.requires_grad_(True)
+        if isinstance(own, nn.modules.batchnorm._BatchNorm):
+            own.momentum = max(own.momentum or 0.0, TASK_BN_MOMENTUM)
         self.per_task[task] = own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +129,9 @@ class TaskBatchNorm(TaskRoutedModule):
             return self._module(router.task)(x)
         outputs = {task: self._module(task)(x[index]) for task, index in groups}
         return _scatter(groups, outputs, x)
+
+
+TaskBatchNorm = TaskNorm  # the name before LayerNorm/GroupNorm were handled
 
 
 class TaskHeads(TaskRoutedModule):

@@ -1,7 +1,7 @@
 """DeltaNetwork: a frozen CNN with per-task Δ-patches, task routing, merge and mixed batches.
 
     net = DeltaNetwork(base_model)              # wraps in place; base weights frozen
-    net.add_task("glyphs", num_classes=10, config=ChannelConfig())
+    net.add_task("glyphs", num_classes=10, config=LowRankConfig(rank=8))  # budget_pct=3: ranks sized to a 3 % budget
     net.select("glyphs")(x)                     # base + the glyphs patch
     net.select("base")(x)                       # bit-identical to base_model(x)
     net(x, tasks=["base", "glyphs", ...])       # mixed batch, one forward
@@ -14,8 +14,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from deltapatch.delta.budget import TENSOR_OVERHEAD, BudgetError, LayerShape, PatchLayout
 from deltapatch.delta.kinds import DeltaConfig
-from deltapatch.delta.layers import DeltaWrapped, TaskBatchNorm, TaskHeads, TaskRoutedModule
+from deltapatch.delta.layers import DeltaWrapped, TaskHeads, TaskNorm, TaskRoutedModule, is_task_norm
 from deltapatch.delta.routing import BASE, Router
 from deltapatch.errors import DeltapatchError
 from deltapatch.fingerprint import fingerprint
@@ -37,6 +38,9 @@ class DeltaNetwork(nn.Module):
     def __init__(self, base_model: nn.Module) -> None:
         super().__init__()
         self.base_fingerprint = fingerprint(base_model.state_dict())
+        # Counted before wrapping: every base parameter, also those outside any wrapped layer
+        # (e.g. ConvNeXt's layer_scale), is what a patch's budget is a percentage of.
+        self.base_params = sum(p.numel() for p in base_model.parameters())
         for param in base_model.parameters():
             param.requires_grad_(False)
         self.router = Router()
@@ -54,8 +58,8 @@ class DeltaNetwork(nn.Module):
                 wrapper: nn.Module = TaskHeads(module, self.router)
             elif isinstance(module, nn.Conv2d | nn.Linear):
                 wrapper = DeltaWrapped(module, self.router)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                wrapper = TaskBatchNorm(module, self.router)
+            elif is_task_norm(module):
+                wrapper = TaskNorm(module, self.router)
             else:
                 continue
             parent_name, _, child = name.rpartition(".")
@@ -70,18 +74,48 @@ class DeltaNetwork(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.task_configs)
 
+    def patch_layout(self, num_classes: int) -> PatchLayout:
+        """The shapes and fixed costs of one patch with a `num_classes` head (for the budget)."""
+        layers, norm_state, head_params, fixed_tensors = [], 0, 0, 2  # the head's weight and bias
+        for name, wrapper in self._wrappers():
+            if isinstance(wrapper, DeltaWrapped):
+                weight = wrapper.frozen.weight
+                layers.append(LayerShape(name, int(weight.shape[0]), int(weight[0].numel())))
+            elif isinstance(wrapper, TaskNorm):
+                state = wrapper.frozen.state_dict()
+                norm_state += sum(t.numel() for t in state.values())
+                fixed_tensors += len(state)
+            elif isinstance(wrapper, TaskHeads):
+                head_params = (wrapper.frozen.in_features + 1) * num_classes
+        return PatchLayout(tuple(layers), norm_state, head_params, self.base_params, fixed_tensors)
+
     def add_task(self, task: str, num_classes: int, config: DeltaConfig) -> None:
         """Create a fresh, zero-initialised patch: with it selected the network equals the base
-        (apart from the new head)."""
+        (apart from the new head). `config` is first resolved for this network (with a budget:
+        per-layer ranks under it); the resolved config is `task_configs[task]`. With
+        `config.budget_pct` set (opt-in), a patch that stores more values (Δs, norm parameters and
+        statistics, head, file overhead) than that share of the base's parameters is refused."""
         validate_task_name(task)
         if task in self.task_configs:
             raise DeltapatchError(f"task '{task}' is already loaded; remove_task('{task}') first")
+        config = config.resolve(self.patch_layout(num_classes))
         device = next(self.model.parameters()).device
-        for _, wrapper in self._wrappers():
-            wrapper.add_task(task, num_classes=num_classes, config=config)
+        for name, wrapper in self._wrappers():
+            # Each Δ layer gets its own resolved config (e.g. its rank); norm layers and heads ignore it.
+            layer_config = config.layer_config(name) if isinstance(wrapper, DeltaWrapped) else config
+            wrapper.add_task(task, num_classes=num_classes, config=layer_config)
             wrapper.per_task[task].to(device)
         self.task_configs[task] = config
         self.router.known_tasks.add(task)
+        state = self.task_state_dict(task)
+        stored = sum(t.numel() for t in state.values()) + TENSOR_OVERHEAD * len(state)
+        if config.budget_pct is not None and stored > config.budget_pct / 100.0 * self.base_params:
+            self.remove_task(task)
+            raise BudgetError(
+                f"a {config.kind} patch for '{task}' stores {stored} values (Δs, norm layers, head, file overhead), "
+                f"{100.0 * stored / self.base_params:.2f} % of the base's parameters, above delta.budget_pct "
+                f"{config.budget_pct:g}; raise delta.budget_pct or pick a smaller Δ"
+            )
 
     def remove_task(self, task: str) -> None:
         if self.router.merged == task:
@@ -149,14 +183,14 @@ class DeltaNetwork(nn.Module):
         super().train(mode)
         for _, wrapper in self._wrappers():
             wrapper.frozen.eval()
-            if isinstance(wrapper, TaskBatchNorm):
+            if isinstance(wrapper, TaskNorm):
                 for task, module in wrapper.per_task.items():
                     module.train(mode and task == self.router.task)
         return self
 
     # ---------------------------------------------------------------- parameters
     def task_parameters(self, task: str) -> list[nn.Parameter]:
-        """The trainable parameters of one task's patch (Δs, BatchNorm affine, head)."""
+        """The trainable parameters of one task's patch (Δs, norm-layer affine, head)."""
         self._check_task(task)
         return [p for _, w in self._wrappers() if task in w.per_task for p in w.per_task[task].parameters()]
 
@@ -196,8 +230,7 @@ class DeltaNetwork(nn.Module):
 
     def parameter_counts(self, task: str) -> tuple[int, int]:
         """(trainable parameters of `task`'s patch, parameters of the base model)."""
-        base = sum(p.numel() for _, w in self._wrappers() for p in w.frozen.parameters())
-        return sum(p.numel() for p in self.task_parameters(task)), base
+        return sum(p.numel() for p in self.task_parameters(task)), self.base_params
 
     # ---------------------------------------------------------------- merge
     @torch.no_grad()

@@ -68,14 +68,64 @@ def build_architecture(settings: BaseSettings, num_classes: int) -> nn.Module:
             f"e.g. resnet18, resnet50, mobilenet_v3_small, vgg11_bn"
         ) from None
     if settings.small_input_stem:
-        if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
-            raise ConfigError(
-                f"base.small_input_stem is only defined for ResNet-style models, not '{settings.arch}'; "
-                f"set it to false"
-            )
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, settings.stem_stride, 1, bias=False)
-        model.maxpool = nn.Identity()
+        adapt_small_input(model, settings)
     return model
+
+
+# The ImageNet designs downsample 32× (a 32×32 input ends at 1×1, after losing most of its detail in
+# the stem). `small_input_stem` makes every supported family downsample 8·stem_stride× instead
+# (16× by default: 32×32 → 2×2, the same map the default ResNet-18 ends at).
+SMALL_INPUT_FAMILIES = "ResNet/ResNeXt/Wide-ResNet, DenseNet, ConvNeXt, MobileNetV2/V3, EfficientNet/V2, RegNet, VGG"
+
+
+def adapt_small_input(model: nn.Module, settings: BaseSettings) -> None:
+    """Adapt `model`'s stem (in place) to small inputs; refuses the families it does not know.
+
+    - ResNet, DenseNet: the 7×7/2 conv + 3×3/2 max-pool become one 3×3 conv of stride `stem_stride`.
+    - ConvNeXt: the 4×4/4 patchify conv becomes `stem_stride`×`stem_stride`/`stem_stride` (3×3/1 for 1).
+    - MobileNetV2/V3, EfficientNet, RegNet: the 3×3/2 stem conv gets stride 1 (needs stem_stride 2).
+    - VGG: the last max-pool is dropped and the 7×7 average pool + 25088-wide first Linear become a
+      global average pool + a 512-wide one (needs stem_stride 2).
+    """
+    stride = settings.stem_stride
+    models = torchvision.models
+    if isinstance(model, models.ResNet):
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride, 1, bias=False)
+        model.maxpool = nn.Identity()
+    elif isinstance(model, models.DenseNet):
+        model.features.conv0 = nn.Conv2d(3, model.features.conv0.out_channels, 3, stride, 1, bias=False)
+        model.features.pool0 = nn.Identity()
+    elif isinstance(model, models.ConvNeXt):
+        patchify = model.features[0][0]
+        kernel, padding = (stride, 0) if stride > 1 else (3, 1)
+        model.features[0][0] = nn.Conv2d(3, patchify.out_channels, kernel, stride, padding)
+    elif isinstance(model, models.MobileNetV2 | models.MobileNetV3 | models.EfficientNet | models.RegNet):
+        _require_stride_2(settings)
+        stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        stem.stride = (1, 1)
+    elif isinstance(model, models.VGG):
+        _require_stride_2(settings)
+        pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+        model.features[pools[-1]] = nn.Identity()
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        first = model.classifier[0]
+        channels = [m for m in model.features if isinstance(m, nn.Conv2d)][-1].out_channels
+        model.classifier[0] = nn.Linear(channels, first.out_features)
+    else:
+        raise ConfigError(
+            f"base.small_input_stem is defined for {SMALL_INPUT_FAMILIES}, not '{settings.arch}'; "
+            f"pick one of those families, or set base.small_input_stem: false and base.input_size (and "
+            f"data.image_size) to the size the architecture was designed for (e.g. 224)"
+        )
+
+
+def _require_stride_2(settings: BaseSettings) -> None:
+    if settings.stem_stride != 2:
+        raise ConfigError(
+            f"base.stem_stride {settings.stem_stride} is only available for ResNet, DenseNet and ConvNeXt stems; "
+            f"'{settings.arch}' keeps its own 3×3 stem conv at stride 1 (16× downsampling in all): set "
+            f"base.stem_stride: 2"
+        )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

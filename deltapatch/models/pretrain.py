@@ -12,9 +12,12 @@ from typing import Any
 import torch
 from filelock import FileLock
 from safetensors.torch import save_file
+from torch import nn
 
 from deltapatch.config import ConfigError, resolve_path, section, state_dir
+from deltapatch.data.dataset import Split
 from deltapatch.data.sources import BUILTIN_PREFIX, base_eval_data
+from deltapatch.errors import DeltapatchError
 from deltapatch.fingerprint import fingerprint
 from deltapatch.models.base import base_settings, build_architecture, write_sidecar
 from deltapatch.train import (
@@ -23,6 +26,7 @@ from deltapatch.train import (
     TrainSettings,
     accuracy,
     apply_threads,
+    batches,
     fit,
     predict_logits,
     resolve_device,
@@ -31,7 +35,8 @@ from deltapatch.train import (
 
 @dataclass
 class PretrainSettings:
-    """params.yaml `pretrain:` section: overrides of `train:` for pre-training the base."""
+    """params.yaml `pretrain:` section: overrides of `train:` for pre-training the base, the least
+    test accuracy above chance a base must reach to be saved, and the (opt-in) precise-BatchNorm step."""
 
     epochs: int = 8
     batch_size: int = 64
@@ -41,6 +46,44 @@ class PretrainSettings:
     label_smoothing: float = 0.0  # no smoothing, no augmentation unless asked for here
     augment_translate: float = 0.0
     augment_scale: float = 0.0
+    min_gain_over_chance: float = 0.1
+    precise_bn_batches: int = 0  # > 0: precise BatchNorm statistics over this many batches (0: off)
+
+
+class PretrainFailed(DeltapatchError):
+    """Pre-training produced a base no better than chance; nothing was saved."""
+
+
+def chance_accuracy(labels: torch.Tensor) -> float:
+    """Accuracy of always answering the most frequent class (labels: (N,) int64)."""
+    return float(labels.bincount().max()) / len(labels) if len(labels) else 0.0
+
+
+def precise_batchnorm(model: nn.Module, split: Split, norm: Normalizer, batch_size: int,
+                      max_batches: int | None = None) -> None:
+    """Re-estimate every BatchNorm's running statistics as the exact average over `split` (its first
+    `max_batches` batches; None: all) with the final weights ("precise BN"). Some families
+    (MobileNetV3: momentum 0.01) are built for hundreds of thousands of steps; after a short
+    pre-training their running averages still sit near the initial 0/1, and the saved base scored
+    chance in eval mode although it had learnt the task. Opt-in (`pretrain.precise_bn_batches`): it
+    changes the saved base."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    model.eval()  # dropout / stochastic depth off: only the BatchNorms see training-mode batches
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+        bn.train()
+    with torch.no_grad():
+        for index, (images, _) in enumerate(batches(split, batch_size, shuffle=False)):
+            if max_batches is not None and index >= max_batches:
+                break
+            model(norm(images))
+    for bn, momentum in zip(bns, saved, strict=True):
+        bn.momentum = momentum
+    model.eval()
 
 
 def is_embedded_base(params: dict[str, Any]) -> bool:
@@ -101,8 +144,12 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     weights = resolve_path(params, settings.weights)
     if weights.exists() and not force:
         return weights
-    # Every `pretrain:` field overrides the `train:` field of the same name.
-    overrides = dataclasses.asdict(section(params, "pretrain", PretrainSettings))
+    # Every `pretrain:` field but the acceptance threshold and precise BN overrides the `train:` field
+    # of the same name.
+    pretrain = section(params, "pretrain", PretrainSettings)
+    overrides = dataclasses.asdict(pretrain)
+    for own in ("min_gain_over_chance", "precise_bn_batches"):
+        overrides.pop(own)
     train_settings = dataclasses.replace(section(params, "train", TrainSettings), **overrides)
     apply_threads(train_settings)
     device = resolve_device(train_settings.device)
@@ -113,7 +160,19 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     norm = Normalizer(settings.mean, settings.std, device)
     trainable = Trainable(model, list(model.parameters()), model.state_dict, model.load_state_dict)
     fit(trainable, data, train_settings, norm, seed=seed, desc=f"pretrain {settings.arch} on {data.name}", progress=progress)
+    if pretrain.precise_bn_batches > 0:  # opt-in: it changes the saved statistics, i.e. the base
+        precise_batchnorm(model, data.train, norm, train_settings.batch_size, pretrain.precise_bn_batches)
     test_acc = accuracy(predict_logits(model, data.test, norm), data.test.labels)
+    chance = chance_accuracy(data.test.labels)
+    if test_acc < chance + pretrain.min_gain_over_chance:
+        raise PretrainFailed(
+            f"pre-training {settings.arch} on {data.name} reached test accuracy {test_acc:.3f}, within "
+            f"{pretrain.min_gain_over_chance:g} of chance ({chance:.3f}), so {weights} was NOT written: patches "
+            f"on such a base fail their gate. Change params.yaml: pretrain.lr (now {train_settings.lr:g}; "
+            f"try 0.001–0.003), pretrain.epochs (now {train_settings.epochs}; try more), or base.small_input_stem "
+            f"(now {settings.small_input_stem}; true adapts the stem to {settings.input_size}×{settings.input_size} "
+            f"inputs); or bring trained weights (base.weights)"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".tmp")

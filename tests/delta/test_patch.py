@@ -27,7 +27,7 @@ def _meta(net: DeltaNetwork, task: str, kind: str) -> PatchMeta:
                      mean=[0.5] * 3, std=[0.5] * 3, metrics={"patch_acc": 0.5}, data_version="abc")
 
 
-@pytest.mark.parametrize(("kind", "options"), [("channel", {}), ("lowrank", {"rank": 3})])
+@pytest.mark.parametrize(("kind", "options"), [("channel", {}), ("lowrank", {"rank": 3}), ("lowrank", {"budget_pct": 2.0})])
 @torch.no_grad()
 def test_save_load_round_trip_reproduces_outputs(tmp_path, images, kind, options):
     source = DeltaNetwork(random_base())
@@ -41,7 +41,9 @@ def test_save_load_round_trip_reproduces_outputs(tmp_path, images, kind, options
 
     target = DeltaNetwork(random_base())  # same seed → same base, same fingerprint
     meta = load_patch(target, tmp_path)
-    assert meta.task == "shapes" and meta.delta_kind == kind and meta.delta_config == options
+    assert meta.task == "shapes" and meta.delta_kind == kind
+    assert meta.delta_config == source.task_configs["shapes"].to_dict()  # per-layer ranks included
+    assert target.task_configs["shapes"] == source.task_configs["shapes"]
     assert torch.equal(target.select("shapes")(images), expected)
     assert read_patch_meta(tmp_path).metrics == {"patch_acc": 0.5}
 

@@ -17,17 +17,38 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from deltapatch.delta.budget import PatchLayout
+
 FrozenLayer = nn.Conv2d | nn.Linear
 
 
 @dataclass
 class DeltaConfig:
-    """Hyper-parameters of a Δ kind. Subclasses set `kind` and add their fields."""
+    """Hyper-parameters of a Δ kind. Subclasses set `kind` and add their fields.
+
+    `budget_pct` (opt-in; params.yaml `delta.budget_pct`) caps everything a patch stores (Δs, norm
+    layers, head, file overhead) as a percentage of the base model's parameters, and sizes kinds
+    that can be sized (lowrank: per-layer ranks); None (the default): no budget, no cap.
+    """
 
     kind: ClassVar[str] = ""
+    budget_pct: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What patch.json records; without `budget_pct` while it is None (as before the budget)."""
+        values = dataclasses.asdict(self)
+        if values["budget_pct"] is None:
+            del values["budget_pct"]
+        return values
+
+    def resolve(self, layout: PatchLayout) -> DeltaConfig:
+        """This config completed for one network (e.g. per-layer ranks under the budget); what a
+        patch records in patch.json. Default: nothing depends on the network."""
+        return self
+
+    def layer_config(self, name: str) -> DeltaConfig:
+        """The config of the Δ on wrapped layer `name` (default: the same for every layer)."""
+        return self
 
 
 class DeltaLayer(nn.Module, ABC):

@@ -33,6 +33,8 @@ class ChannelDelta(DeltaLayer):
         self.shift = nn.Parameter(torch.zeros(out_channels))
 
     def forward(self, x: torch.Tensor, frozen_out: torch.Tensor, frozen: FrozenLayer) -> torch.Tensor:
+        if isinstance(frozen, nn.Linear):  # features are the last dim, e.g. ConvNeXt's (N, H, W, C) MLPs
+            return torch.addcmul(self.shift, frozen_out, 1 + self.scale)
         return torch.addcmul(
             channel_view(self.shift, frozen_out), frozen_out, channel_view(1 + self.scale, frozen_out)
         )

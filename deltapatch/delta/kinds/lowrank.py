@@ -4,29 +4,78 @@ For an ungrouped Conv2d the Δ is computed in activation space, B(A(x)), with A 
 to r channels and B a 1×1 convolution back to C_out: the same function as conv(x, W + ΔW) without
 the full-size weight gradient. Grouped convolutions (depthwise) and Linear layers use the
 weight-space form, which is cheap for them.
+
+By default `rank` is the rank of every layer. With a parameter budget (`delta.budget_pct`, opt-in)
+each layer's rank comes from `deltapatch.delta.budget.allocate_ranks` instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltapatch.delta.budget import ALLOCATIONS, PatchLayout, allocate_ranks
 from deltapatch.delta.kinds.base import DeltaConfig, DeltaLayer, FrozenLayer
 from deltapatch.delta.kinds.registry import register_delta_kind
+from deltapatch.errors import DeltapatchError
 
 
 @dataclass
 class LowRankConfig(DeltaConfig):
+    """`rank`: one rank for every layer, capped at each layer's full rank (the default while
+    `budget_pct` is None, i.e. the budget is off). With `budget_pct` set (opt-in), per-layer ranks
+    are allocated under it by `allocation` instead and `rank` is not used. `ranks` holds the
+    per-layer ranks once allocated for a network (that is what patch.json records, and what loading
+    a patch reuses); rank 0 = no Δ on that layer (a budget too tight for every layer)."""
+
     kind = "lowrank"
     rank: int = 4
+    allocation: str = "uniform"  # with budget_pct; measured against proportional: docs/benchmark.md
+    ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"delta.lowrank.rank must be >= 1, got {self.rank}")
+        if self.rank < 0:
+            raise ValueError(f"delta.lowrank.rank must be >= 1 (0: no Δ at all), got {self.rank}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"delta.lowrank.allocation must be one of {list(ALLOCATIONS)}, got '{self.allocation}'")
+        bad = {name: r for name, r in self.ranks.items() if not isinstance(r, int) or r < 0}
+        if bad:
+            raise ValueError(f"delta_config.ranks must be integers >= 0; got {dict(list(bad.items())[:3])}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Without the budget's fields while the budget is off: {"rank": r}, as before the budget."""
+        values = super().to_dict()
+        if self.budget_pct is None and not self.ranks:
+            del values["allocation"], values["ranks"]
+        return values
+
+    def resolve(self, layout: PatchLayout) -> LowRankConfig:
+        names = [layer.name for layer in layout.layers]
+        if self.ranks:
+            missing, extra = sorted(set(names) - set(self.ranks)), sorted(set(self.ranks) - set(names))
+            if missing or extra:
+                raise DeltapatchError(
+                    f"delta_config.ranks does not fit this base model: no rank for {missing[:3]}, "
+                    f"unknown layers {extra[:3]}; the patch was made for another architecture"
+                )
+            return dataclasses.replace(self, ranks={name: self.ranks[name] for name in names})
+        if self.budget_pct is None:
+            return self  # `rank` on every layer (LowRankDelta caps it at the layer's full rank)
+        ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), self.allocation)
+        return dataclasses.replace(self, ranks=ranks)
+
+    def layer_config(self, name: str) -> LowRankConfig:
+        if not self.ranks:
+            return self
+        if name not in self.ranks:
+            raise DeltapatchError(f"no rank for layer '{name}': resolve the config on the network first")
+        return dataclasses.replace(self, rank=self.ranks[name], ranks={})
 
 
 @register_delta_kind
@@ -37,7 +86,9 @@ class LowRankDelta(DeltaLayer):
         super().__init__(frozen, config)
         weight = frozen.weight
         out_features, fan_in = weight.shape[0], weight[0].numel()
-        rank = min(config.rank, out_features, fan_in)
+        rank = self.rank = min(config.rank, out_features, fan_in)
+        if rank == 0:  # the budget left this layer without a Δ: the task uses the frozen layer as is
+            return
         self.activation_space = isinstance(frozen, nn.Conv2d) and frozen.groups == 1
         # A: (r, fan_in) with LoRA's Kaiming init; B: (C_out, r) zeros, so ΔW = 0 at start.
         self.lora_A = nn.Parameter(torch.empty(rank, fan_in))
@@ -46,9 +97,13 @@ class LowRankDelta(DeltaLayer):
 
     def delta_weight(self, frozen: FrozenLayer) -> torch.Tensor:
         """ΔW with the frozen weight's shape, e.g. (C_out, C_in/groups, k, k)."""
+        if self.rank == 0:
+            return torch.zeros_like(frozen.weight)
         return (self.lora_B @ self.lora_A).view_as(frozen.weight)
 
     def forward(self, x: torch.Tensor, frozen_out: torch.Tensor, frozen: FrozenLayer) -> torch.Tensor:
+        if self.rank == 0:
+            return frozen_out
         if isinstance(frozen, nn.Linear):
             return frozen_out + F.linear(F.linear(x, self.lora_A), self.lora_B)
         if self.activation_space:

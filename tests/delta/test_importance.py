@@ -1,0 +1,45 @@
+"""AdaLoRA-style layer importance from a pilot training: one weight per Δ layer, the network untouched."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from deltapatch.data.dataset import from_arrays
+from deltapatch.delta import DeltaNetwork
+from deltapatch.delta.budget import allocate_ranks
+from deltapatch.delta.importance import SensitivityMeter, layer_importance
+from deltapatch.train import Normalizer, TrainSettings
+from tests.delta.conftest import random_base
+
+
+def test_sensitivity_meter_scores_only_layers_that_got_gradients():
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    meter = SensitivityMeter({"used": [used], "unused": [unused]})
+    for step in range(3):
+        (used * torch.tensor([1.0, 2.0, 3.0 + step])).sum().backward()
+    scores = meter.layer_scores()
+    meter.close()
+    assert scores["used"] > 0 and scores["unused"] == 0.0
+    (used * 5).sum().backward()  # hooks removed: no further update
+    assert meter.layer_scores() == scores
+
+
+def test_layer_importance_weights_every_layer_and_leaves_the_network_as_it_was():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 12)
+    images = rng.integers(0, 256, (36, 16, 16, 3), dtype=np.uint8)
+    images[labels == 1, :8] = 255  # a learnable signal
+    data = from_arrays("toy", images, labels, ["a", "b", "c"], val=0.2, test=0.2, seed=0)
+    net = DeltaNetwork(random_base())
+    norm = Normalizer([0.5] * 3, [0.5] * 3, torch.device("cpu"))
+    weights = layer_importance(net, "toy", data, TrainSettings(batch_size=8, lr=0.01), norm, budget_pct=3.0)
+    layout = net.patch_layout(3)
+    assert set(weights) == {layer.name for layer in layout.layers} and net.tasks == []
+    assert all(w > 0 for w in weights.values())
+    assert math.isclose(sum(math.log(w) for w in weights.values()), 0.0, abs_tol=1e-6)  # geometric mean 1
+    assert max(weights.values()) / min(weights.values()) > 1.5  # layers really differ
+    ranks = allocate_ranks(layout.layers, layout.delta_budget(3.0), "proportional", weights)
+    assert sum(layer.lowrank_params(ranks[layer.name]) for layer in layout.layers) <= layout.delta_budget(3.0)
