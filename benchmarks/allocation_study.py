@@ -1,5 +1,5 @@
 """Rank allocation under the same budget: uniform vs proportional vs AdaLoRA-style importance
-(docs/benchmark.md, "Other architectures" → allocation). Same base, recipe (params.yaml `train:`)
+(the budget: README, "Budget (opt-in for now)"). Same base, recipe (params.yaml `train:`)
 and seed for every variant; one JSON line per (task, seed, variant), resumable.
 
     python benchmarks/allocation_study.py PROJECT OUT.jsonl --tasks glyphs,shapes --seeds 0,1 \

@@ -1,5 +1,5 @@
-"""Per-architecture cost of a Δ-patch, measured robustly on a shared CPU (docs/benchmark.md, "Other
-architectures"): the patch's size under `delta.budget_pct`, its training-step time against full
+"""Per-architecture cost of a Δ-patch, measured robustly on a shared CPU (the budget: README,
+"Budget (opt-in for now)"): the patch's size under `delta.budget_pct`, its training-step time against full
 fine-tuning, and its serving latency merged/unmerged against the pristine base.
 
     python benchmarks/arch_cost.py PROJECT [PROJECT ...] [--steps 8] [--batch 64] --out cost.csv
