@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +120,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen[bytes]:
+    """A real `mlflow server` on 127.0.0.1:`port` for the store in `folder` (mlflow.db, artifacts proxied
+    into folder/mlartifacts, as the stack runs it; log appended to folder/mlflow.log). It gets its own
+    process group: the server and the uvicorn process it starts stop together (kill_process_group)."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with (folder / "mlflow.log").open("ab") as log:  # the child keeps its own handle
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
+
+
+def kill_process_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL, wait_s: float = 30) -> None:
+    """Signal `process`'s whole group (SIGKILL: as a crash; a graceful stop waits for open connections)."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    process.wait(wait_s)

@@ -3,10 +3,6 @@ against a real MLflow server that comes up while a registry call is already fail
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import pytest
 from deltapatch.config import ConfigError
 from deltapatch.errors import RegistryError, RegistryUnreachable
 from deltapatch.faults import FaultSettings, backoff_delays, is_outage, prefect_client_retries, ride_out
-from tests.conftest import free_port, make_project
+from tests.conftest import free_port, kill_process_group, make_project, start_mlflow_server
 
 
 def test_settings_refuse_a_window_that_would_crash_live_runs() -> None:
@@ -74,12 +70,7 @@ def test_registry_call_rides_out_an_mlflow_server_that_comes_back(tmp_path: Path
     port = free_port()
     params = make_project(tmp_path / "project", {"registry": {"retries": 1}, "faults": {"outage_window_s": 90}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    log = (tmp_path / "mlflow.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        start_new_session=True)  # its own process group: the server and the uvicorn process it starts
+    server = start_mlflow_server(tmp_path, port)
     said: list[str] = []
     try:
         started = time.monotonic()
@@ -90,6 +81,4 @@ def test_registry_call_rides_out_an_mlflow_server_that_comes_back(tmp_path: Path
             ride_out(lambda: registry.promote(params, "no-such-task", 1), params, "promoting")
         assert not isinstance(refused.value, RegistryUnreachable)
     finally:
-        os.killpg(server.pid, signal.SIGKILL)  # a graceful stop waits ~10 s for open connections
-        server.wait(30)
-        log.close()
+        kill_process_group(server)

@@ -4,11 +4,6 @@ arrival that reuses its finished training."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +14,7 @@ import pytest
 from deltapatch import pipeline
 from deltapatch.faults import training_key
 from deltapatch.pipeline import checkpoint_path
-from tests.conftest import free_port
+from tests.conftest import free_port, kill_process_group, start_mlflow_server
 from tests.flows.conftest import new_project, write_task
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "isolated_env")
@@ -210,22 +205,6 @@ def test_resubmitted_arrival_reuses_its_finished_training(base_project, tmp_path
     assert key != training_key(params, "shapes", "1" * 64) and key != training_key(params, "shapes", sha, epochs=7)
 
 
-def _mlflow_server(folder: Path, port: int) -> subprocess.Popen[bytes]:
-    """A real MLflow server on loopback serving `folder`'s store (artifacts proxied, as the stack runs it)."""
-    log = (folder / "mlflow.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})  # own process group: server + its uvicorn
-
-
-def _kill(server: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)  # as a crash (a graceful stop waits for open connections)
-    server.wait(30)
-
-
 @pytest.mark.e2e
 def test_mlflow_restart_after_training_is_ridden_out_and_training_ran_once(
         base_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,19 +216,19 @@ def test_mlflow_restart_after_training_is_ridden_out_and_training_ran_once(
     port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")  # the shared server, nothing local
     params = new_project(base_project, tmp_path / "project", {"train": {"epochs": 2}})
-    servers = [_mlflow_server(store, port)]
+    servers = [start_mlflow_server(store, port)]
     outage: dict[str, float] = {}
     seen = _count_and_crash(monkeypatch)  # counts training calls and epochs, injects nothing
     real_train_step = pipeline.train_step
 
     def train_then_kill_mlflow(*args: Any, **kwargs: Any) -> Any:
         trained = real_train_step(*args, **kwargs)
-        _kill(servers[0])
+        kill_process_group(servers[0])
         outage["down"] = time.monotonic()
 
         def restart() -> None:
             time.sleep(30)
-            servers.append(_mlflow_server(store, port))
+            servers.append(start_mlflow_server(store, port))
             outage["restarted"] = time.monotonic()
 
         threading.Thread(target=restart, daemon=True).start()
@@ -260,7 +239,7 @@ def test_mlflow_restart_after_training_is_ridden_out_and_training_ran_once(
         state = _run(params, write_task(tmp_path / "src", "glyphs"), "glyphs")
     finally:
         for server in servers:
-            _kill(server)
+            kill_process_group(server)
     assert "restarted" in outage, "the fault was injected: MLflow was down and came back"
     assert state.is_completed(), state.message
     assert state.result()["status"] == "promoted"

@@ -59,15 +59,31 @@ def _wait(what: str, check: Any, timeout: float, poll: float = 1.0) -> Any:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_a_killed_training_worker_is_survived_on_the_other_worker(base_project: dict[str, Any],
-                                                                  tmp_path: Path) -> None:
-    params = new_project(base_project, tmp_path / "project", {
+def _project(base_project: dict[str, Any], folder: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A project on its own stack ports, with enough epochs that a fault lands mid-training."""
+    return new_project(base_project, folder, {
         "stack": {"prefect_port": free_port(), "mlflow_port": free_port(), "serve_app": False,
                   "watch_stable_seconds": 1.0, "startup_timeout": 300},
-        # enough epochs that the kill lands mid-training, after the first checkpoint
         "train": {"epochs": 40, "min_steps": 0, "batch_size": 16},
-        "faults": {"zombie_after_seconds": ZOMBIE_AFTER_S, "poll_seconds": 1.0},
+        **(overrides or {}),
     })
+
+
+def _training_with_a_checkpoint(api: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The running training run of `shapes`, once its epoch-1 checkpoint exists (a fault after it can resume)."""
+    checkpoints = checkpoint_dir(params)
+
+    def found() -> dict[str, Any] | None:
+        running = [r for r in _training_runs(api) if r["state_type"] == "RUNNING"]
+        return running[0] if running and any(checkpoints.glob("shapes-*.pt")) else None
+
+    return _wait("a running training with its epoch-1 checkpoint", found, 600)
+
+
+def test_a_killed_training_worker_is_survived_on_the_other_worker(base_project: dict[str, Any],
+                                                                  tmp_path: Path) -> None:
+    params = _project(base_project, tmp_path / "project",
+                      {"faults": {"zombie_after_seconds": ZOMBIE_AFTER_S, "poll_seconds": 1.0}})
     root = Path(params["_root"])
     second: subprocess.Popen[bytes] | None = None
     try:
@@ -81,15 +97,7 @@ def test_a_killed_training_worker_is_survived_on_the_other_worker(base_project: 
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         arrival = submit(params, write_task(tmp_path / "src", "shapes", per_class=30), "shapes")
-        checkpoints = checkpoint_dir(params)
-
-        def training_with_a_checkpoint() -> dict[str, Any] | None:
-            running = [r for r in _training_runs(api) if r["state_type"] == "RUNNING"]
-            if running and any(checkpoints.glob("shapes-*.pt")):
-                return running[0]
-            return None
-
-        run = _wait("a running training with its epoch-1 checkpoint", training_with_a_checkpoint, 600)
+        run = _training_with_a_checkpoint(api, params)
         pids = _wait("the training process of the run", lambda: _process_of_run(run["id"]), 30)
         for pid in pids:  # the training process and the worker that started it: the machine is gone
             os.kill(pid, signal.SIGKILL)
@@ -125,19 +133,12 @@ def test_a_killed_training_worker_is_survived_on_the_other_worker(base_project: 
 def test_a_prefect_server_restart_during_training_is_ridden_out(base_project: dict[str, Any], tmp_path: Path) -> None:
     """Issue 16: the Prefect server dies while an arrival trains and is back 30 s later (`stack up`
     restarts it alone, same port and database); the same arrival completes and trained once."""
-    params = new_project(base_project, tmp_path / "project", {
-        "stack": {"prefect_port": free_port(), "mlflow_port": free_port(), "serve_app": False,
-                  "watch_stable_seconds": 1.0, "startup_timeout": 300},
-        "train": {"epochs": 40, "min_steps": 0, "batch_size": 16},
-    })
+    params = _project(base_project, tmp_path / "project")
     try:
         stack.up(params)
         api = stack.client_env(params)["PREFECT_API_URL"]
         arrival = submit(params, write_task(tmp_path / "src", "shapes", per_class=30), "shapes")
-        checkpoints = checkpoint_dir(params)
-        _wait("a running training with its epoch-1 checkpoint",
-              lambda: any(r["state_type"] == "RUNNING" for r in _training_runs(api)) and any(checkpoints.glob("shapes-*.pt")),
-              600)
+        _training_with_a_checkpoint(api, params)
         server = (stack.read_state(params) or {})["processes"]["prefect"]
         os.killpg(int(server["pgid"]), signal.SIGKILL)  # the server and its children, as a crash
         time.sleep(30)

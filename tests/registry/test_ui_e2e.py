@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, kill_process_group, start_mlflow_server
 from tests.registry.conftest import TASK, Trained, register
 
 CHROMIUM = "/usr/bin/chromium"
@@ -51,30 +50,19 @@ def mlflow_server(tmp_path: Path) -> Any:
     url = f"http://127.0.0.1:{port}"
     folder = tmp_path / "mlflow-server"
     folder.mkdir()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = (folder / "server.log").open("w")
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    process = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True,
-    )
+    process = start_mlflow_server(folder, port)
     try:
         deadline = time.monotonic() + 90
         while not _healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+                raise AssertionError(f"mlflow server did not start:\n{(folder / 'mlflow.log').read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(20)
+            kill_process_group(process, signal.SIGTERM, wait_s=20)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+            kill_process_group(process)
 
 
 def _chromium(args: list[str], profile: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
