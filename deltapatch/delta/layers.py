@@ -131,9 +131,6 @@ class TaskNorm(TaskRoutedModule):
         return _scatter(groups, outputs, x)
 
 
-TaskBatchNorm = TaskNorm  # the name before LayerNorm/GroupNorm were handled
-
-
 class TaskHeads(TaskRoutedModule):
     """The classifier: the frozen base head plus one new Linear head per task.
 
