@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +144,19 @@ def kill_process_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKI
     except ProcessLookupError:
         return
     process.wait(wait_s)
+
+
+def wait_for_mlflow(process: subprocess.Popen[bytes], folder: Path, port: int, timeout_s: float = 90) -> str:
+    """Block until the server from start_mlflow_server answers /health (its store fully created); its URL."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"mlflow server did not start:\n{(folder / 'mlflow.log').read_text()[-3000:]}")
+        time.sleep(0.5)

@@ -14,7 +14,7 @@ import pytest
 from deltapatch import pipeline
 from deltapatch.faults import training_key
 from deltapatch.pipeline import checkpoint_path
-from tests.conftest import free_port, kill_process_group, start_mlflow_server
+from tests.conftest import free_port, kill_process_group, start_mlflow_server, wait_for_mlflow
 from tests.flows.conftest import new_project, write_task
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "isolated_env")
@@ -217,6 +217,7 @@ def test_mlflow_restart_after_training_is_ridden_out_and_training_ran_once(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")  # the shared server, nothing local
     params = new_project(base_project, tmp_path / "project", {"train": {"epochs": 2}})
     servers = [start_mlflow_server(store, port)]
+    wait_for_mlflow(servers[0], store, port)  # a running server restarts, not one killed while creating its store
     outage: dict[str, float] = {}
     seen = _count_and_crash(monkeypatch)  # counts training calls and epochs, injects nothing
     real_train_step = pipeline.train_step

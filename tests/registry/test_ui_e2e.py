@@ -10,28 +10,18 @@ import json
 import os
 import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, kill_process_group, start_mlflow_server
+from tests.conftest import REPO_ROOT, free_port, kill_process_group, start_mlflow_server, wait_for_mlflow
 from tests.registry.conftest import TASK, Trained, register
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                   "--virtual-time-budget=20000", "--window-size=1400,2200"]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -47,17 +37,11 @@ def chromium() -> str:
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Any:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     folder = tmp_path / "mlflow-server"
     folder.mkdir()
     process = start_mlflow_server(folder, port)
     try:
-        deadline = time.monotonic() + 90
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server did not start:\n{(folder / 'mlflow.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        yield wait_for_mlflow(process, folder, port)
     finally:
         try:
             kill_process_group(process, signal.SIGTERM, wait_s=20)
