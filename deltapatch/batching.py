@@ -31,6 +31,7 @@ from deltapatch.registry.runtime import Predictor
 class _Job:
     images: np.ndarray
     tasks: list[str]
+    predictor: Predictor  # the set in service when the request was accepted: it answers it (base swaps)
     future: Future[list[dict[str, Any]]] = field(default_factory=Future)
 
 
@@ -48,8 +49,9 @@ class ForwardBatcher:
         self._thread = threading.Thread(target=self._run, name="deltapatch-forward", daemon=True)
         self._thread.start()
 
-    def submit(self, images: np.ndarray, tasks: list[str]) -> Future[list[dict[str, Any]]]:
-        job = _Job(images, list(tasks))
+    def submit(self, images: np.ndarray, tasks: list[str], predictor: Predictor | None = None) -> Future[list[dict[str, Any]]]:
+        """`predictor`: the set that accepted the request (default: the current one) answers it."""
+        job = _Job(images, list(tasks), predictor or self.predictor)
         self._queue.put(job)
         return job.future
 
@@ -71,7 +73,7 @@ class ForwardBatcher:
             if job is None:  # closing: finish what was taken, then stop
                 self._queue.put(None)
                 break
-            if size + len(job.tasks) > self.max_images:
+            if size + len(job.tasks) > self.max_images or job.predictor is not first.predictor:
                 self._held = job
                 break
             batch.append(job)
@@ -85,7 +87,7 @@ class ForwardBatcher:
                 self._alone(batch[0])
                 continue
             try:
-                rows = self.predictor.predict(np.concatenate([j.images for j in batch]),
+                rows = batch[0].predictor.predict(np.concatenate([j.images for j in batch]),
                                               [t for j in batch for t in j.tasks], group_from=self.group_from)
             except DeltapatchError:
                 for job in batch:
@@ -102,6 +104,6 @@ class ForwardBatcher:
 
     def _alone(self, job: _Job) -> None:
         try:
-            job.future.set_result(self.predictor.predict(job.images, job.tasks, group_from=self.group_from))
+            job.future.set_result(job.predictor.predict(job.images, job.tasks, group_from=self.group_from))
         except Exception as exc:  # noqa: BLE001 (the request's own error, raised where it waits)
             job.future.set_exception(exc)

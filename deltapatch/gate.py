@@ -47,18 +47,25 @@ class GateSettings:
 
     min_patch_accuracy: the new patch's test accuracy must reach this (0..1).
     interference_tolerance: allowed drop of a promoted patch's registered test accuracy (0 = none).
+    base_upgrade_tolerance: a new base (``deltapatch base upgrade``) may be this much less accurate on
+        the base task than the base in service (0 = at least as accurate).
+    rebase_tolerance: a patch rebased onto a new base may be this much less accurate than the champion
+        it replaces, on the same data version (0 = at least as accurate).
     """
 
     min_patch_accuracy: float = 0.5
     interference_tolerance: float = 0.0
+    base_upgrade_tolerance: float = 0.0
+    rebase_tolerance: float = 0.0
 
 
 def gate_settings(params: dict[str, Any]) -> GateSettings:
     settings = section(params, "gate", GateSettings)
     if not 0.0 <= float(settings.min_patch_accuracy) <= 1.0:
         raise ConfigError(f"params.yaml: gate.min_patch_accuracy={settings.min_patch_accuracy} must be in [0, 1]")
-    if float(settings.interference_tolerance) < 0:
-        raise ConfigError(f"params.yaml: gate.interference_tolerance={settings.interference_tolerance} must be ≥ 0")
+    for name in ("interference_tolerance", "base_upgrade_tolerance", "rebase_tolerance"):
+        if float(getattr(settings, name)) < 0:
+            raise ConfigError(f"params.yaml: gate.{name}={getattr(settings, name)} must be ≥ 0")
     return settings
 
 

@@ -26,7 +26,8 @@ With a token (``DELTAPATCH_SERVE_TOKEN`` or ``serve.token``), /predict, /reload 
 without one.
 
 Hot reload is safe: a task whose `champion` alias moves is downloaded into a fresh folder and swapped
-in only once it loaded. A version that fails (corrupt files, another base's fingerprint, MLflow
+in only once it loaded. A base switch (`deltapatch base upgrade|rollback`) builds the new base and all
+its patches first, then swaps one reference (ChampionSync); requests accepted before finish on the old set. A version that fails (corrupt files, another base's fingerprint, MLflow
 unreachable) is reported under "refused" in /tasks, the previous version keeps serving, and the next
 poll retries it.
 """
@@ -58,12 +59,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from deltapatch.base_versions import serving_base_params
 from deltapatch.batching import ForwardBatcher
 from deltapatch.config import ConfigError, section
 from deltapatch.data.images import FORMAT_NAMES, ImageError, ImageTooLarge, load_pixels
 from deltapatch.errors import DeltapatchError
 from deltapatch.models.base import load_base
-from deltapatch.registry.registry import champions, download_patch
+from deltapatch.registry.bases import ServingSet, serving_set
+from deltapatch.registry.registry import download_patch
 from deltapatch.registry.runtime import Predictor
 from deltapatch.registry.tracking import configure, registry_settings
 from deltapatch.train import TrainSettings, resolve_device
@@ -143,49 +146,92 @@ class RequestRejected(Exception):
 
 
 class ChampionSync:
-    """Keeps a Predictor's patches equal to the registry's champion versions, never losing one that
-    serves: a new version is swapped in only once it loaded."""
+    """Keeps a Predictor equal to the registry's serving set (deltapatch.registry.bases.serving_set:
+    the base in service and the patch version of each task made for it), never losing a version that
+    serves: a new patch is swapped in only once it loaded.
 
-    def __init__(self, params: dict[str, Any], predictor: Any) -> None:
+    A new base is a new Predictor: the base and every patch of the set are loaded into it first, then
+    ONE reference (`self.predictor`, read by each request when it is accepted) is swapped, so requests
+    never see a mix of bases and those already accepted finish on the old set. When any part of the new
+    set fails to load, the old set keeps serving and the reason is under "refused"."""
+
+    def __init__(self, params: dict[str, Any], predictor: Any, device: torch.device | str | None = None,
+                 on_swap: Callable[[Any], None] | None = None) -> None:
         self.params = params
         self.predictor = predictor
+        self.device = device
+        self.on_swap = on_swap  # told the new Predictor after a base swap (the batcher's default)
+        self.base_version: int | None = None  # the registered base served (None: the local base.weights)
+        self.unavailable: dict[str, str] = {}
         self.refused: dict[str, str] = {}
         self.last_error = ""
         self._sync_lock = threading.Lock()
 
     def refresh(self) -> dict[str, int]:
-        """Load/replace/drop patches so they match the champions; returns {task: version} now served."""
+        """Load/replace/drop patches (or swap the whole set) to match the serving set; returns {task: version}."""
         with self._sync_lock:
             try:
-                wanted = champions(self.params)
+                view = serving_set(self.params)
                 self.last_error = ""
             except DeltapatchError as exc:
                 self.last_error = str(exc)
                 log.warning("champion poll failed (still serving %s): %s", self.served(), exc)
                 return self.served()
+            if view.fingerprint and view.fingerprint != self.predictor.fingerprint:
+                self._swap(view)
+                return self.served()
+            self.base_version = view.base_version
+            self.unavailable = dict(view.unavailable)
+            wanted = view.tasks
             for task in list(self.predictor.patches):
                 if task not in wanted:
                     self.predictor.remove_patch(task)
                     log.info("task %s has no champion any more; unloaded", task)
             for task in list(self.refused):
-                if task not in wanted:
+                if task not in wanted and task != "base":
                     del self.refused[task]
+            self.refused.pop("base", None)
             for task, info in wanted.items():
                 version = int(info["version"])
                 loaded = self.predictor.patches.get(task)
                 if loaded is not None and loaded.version == str(version):
                     self.refused.pop(task, None)  # e.g. rolled back from a refused version
                     continue
-                self._load(task, version, info)
+                self._load(self.predictor, task, version, info)
             return self.served()
 
-    def _load(self, task: str, version: int, info: dict[str, Any]) -> None:
+    def _swap(self, view: ServingSet) -> None:
+        """Build the new base + all its patches, then swap the one reference (see the class doc)."""
+        try:
+            params = serving_base_params(self.params, view)
+            fresh = Predictor(load_base(params, self.device or "cpu"))
+            for task, info in view.tasks.items():
+                if not self._load(fresh, task, int(info["version"]), info):
+                    raise DeltapatchError(f"patch {task} v{info['version']} did not load: {self.refused.get(task)}")
+        # Any failure keeps the complete old set serving; the next poll retries the swap.
+        except Exception as exc:  # noqa: BLE001
+            reason = f"base v{view.base_version}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            if self.refused.get("base") != reason:
+                log.error("refused the switch to %s (still serving base %s)", reason, self.base_version)
+            self.refused["base"] = reason
+            return
+        old = self.base_version
+        self.predictor = fresh  # THE swap: requests accepted from now on use the new set
+        self.base_version = view.base_version
+        self.unavailable = dict(view.unavailable)
+        self.refused = {}
+        if self.on_swap is not None:
+            self.on_swap(fresh)
+        log.info("switched from base v%s to base v%s with %s", old, view.base_version, self.served())
+
+    def _load(self, predictor: Any, task: str, version: int, info: dict[str, Any]) -> bool:
         folder = Path(tempfile.mkdtemp(prefix=f"deltapatch-serve-{task}-v{version}-"))
         try:
             patch_dir = download_patch(self.params, task, version=version, dst=folder)
-            self.predictor.add_patch(patch_dir, version=str(version), info=info)
+            predictor.add_patch(patch_dir, version=str(version), info=info)
             self.refused.pop(task, None)
             log.info("serving %s version %s", task, version)
+            return True
         # Any failure (registry, files, tensors) must leave the previous version serving and the
         # poller alive, so this is deliberately broad; the reason is shown under /tasks "refused".
         except Exception as exc:  # noqa: BLE001
@@ -195,6 +241,7 @@ class ChampionSync:
                 keeping = f"still serving version {current.version}" if current else "not served"
                 log.error("refused %s %s (%s; retried on the next poll)", task, reason, keeping)
             self.refused[task] = reason
+            return False
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the tensors are in memory now
 
@@ -288,18 +335,24 @@ def _bearer_guard(token: str | None) -> Callable[..., None]:
 
 
 def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, device: str | None = None) -> Any:
-    """The FastAPI app: loads the local base (params.yaml) and the champion patches at start-up."""
+    """The FastAPI app: loads the base in service (deltapatch.registry.bases; the local base.weights
+    before any base version) and its patches at start-up."""
     settings = serve_settings(params)
     if settings.torch_threads > 0:  # process-wide: set by the process that serves
         torch.set_num_threads(settings.torch_threads)
     interval = registry_settings(params).poll_seconds if poll_seconds is None else float(poll_seconds)
     configure(params)
     dev = resolve_device(device or section(params, "train", TrainSettings).device)
-    predictor = Predictor(load_base(params, dev))
-    sync = ChampionSync(params, predictor)
+    try:  # the registered base in service (the local base.weights before any, or while MLflow is down)
+        base_params = serving_base_params(params, serving_set(params))
+    except DeltapatchError as exc:
+        log.warning("serving the local base.weights for now (%s); the next poll retries the registry", exc)
+        base_params = params
+    predictor = Predictor(load_base(base_params, dev))
+    batcher = ForwardBatcher(predictor, settings.batch_images, settings.group_from)
+    sync = ChampionSync(params, predictor, dev, on_swap=lambda fresh: setattr(batcher, "predictor", fresh))
     sync.refresh()
     pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="deltapatch-decode")
-    batcher = ForwardBatcher(predictor, settings.batch_images, settings.group_from)
     authorized = [Depends(_bearer_guard(serve_token(settings)))]
 
     @contextlib.asynccontextmanager
@@ -325,7 +378,13 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
 
     app = FastAPI(title="deltapatch", version="1", lifespan=lifespan)
     app.state.sync = sync
-    app.state.predictor = predictor
+    app.state.predictor = sync.predictor
+
+    def swapped(fresh: Predictor) -> None:
+        batcher.predictor = fresh
+        app.state.predictor = fresh
+
+    sync.on_swap = swapped
     app.state.batcher = batcher
     app.state.settings = settings
 
@@ -336,17 +395,20 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
     @app.get("/health")
     def health() -> dict[str, Any]:
         limits = {k: v for k, v in asdict(settings).items() if k != "token"}
-        return {"status": "ok", "base_fingerprint": predictor.fingerprint, "tasks": sync.served(),
+        return {"status": "ok", "base_fingerprint": sync.predictor.fingerprint, "base_version": sync.base_version,
+                "tasks": sync.served(),
                 "registry_error": sync.last_error, "limits": limits, "auth": serve_token(settings) is not None}
 
     @app.get("/tasks", dependencies=authorized)
     def tasks() -> dict[str, Any]:
-        out: dict[str, Any] = {"base": {"version": "", "classes": predictor.class_names("base"),
-                                        "fingerprint": predictor.fingerprint}}
-        for name, patch in list(predictor.patches.items()):
+        current = sync.predictor  # one set, read once
+        out: dict[str, Any] = {"base": {"version": sync.base_version or "", "classes": current.class_names("base"),
+                                        "fingerprint": current.fingerprint}}
+        for name, patch in list(current.patches.items()):
             out[name] = {"version": int(patch.version), "classes": list(patch.meta.class_names),
                          "patch_acc": patch.info.get("patch_acc"), "data_version": patch.info.get("data_version", "")}
         out["refused"] = dict(sync.refused)
+        out["unavailable"] = dict(sync.unavailable)  # tasks with no patch for the base in service, and why
         return out
 
     @app.post("/reload", dependencies=authorized)
@@ -360,13 +422,16 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
         if not parsed.items:
             return JSONResponse({"results": []})
         names = [item.task for item in parsed.items]
+        predictor = sync.predictor  # the set that accepts this request answers it (deltapatch/batching.py)
         unknown = sorted({t for t in names if t != "base" and t not in predictor.patches})
         if unknown:
             named = [name[:64] for name in unknown[:MAX_LISTED]] + (["…"] if len(unknown) > MAX_LISTED else [])
-            raise RequestRejected(404, f"no champion patch served for task(s) {named}; served: {predictor.tasks()}")
+            why = "; ".join(f"{t}: {sync.unavailable[t]}" for t in unknown[:MAX_LISTED] if t in sync.unavailable)
+            raise RequestRejected(404, f"no champion patch served for task(s) {named}; served: {predictor.tasks()}"
+                                       + (f"; unavailable: {why}" if why else ""))
         images = await run_in_threadpool(decode_items, parsed.items, predictor.input_size, settings, pool)
         try:  # shared with the requests queued at the same time (deltapatch/batching.py)
-            results = await asyncio.wrap_future(batcher.submit(images, names))
+            results = await asyncio.wrap_future(batcher.submit(images, names, predictor))
         except DeltapatchError as exc:  # e.g. a task whose champion was removed since the check
             raise RequestRejected(409, str(exc)) from None
         return JSONResponse({"results": results})

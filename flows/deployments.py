@@ -3,6 +3,8 @@
 - ``patch-task/patch-task``: served (by ``flows.serve``), started by a ``DeploymentEventTrigger`` on
   the event ``deltapatch.task.arrived``, with ``task_name`` and ``path`` templated from the event.
 - ``rollback-patch/rollback-patch``: served, run on demand.
+- ``rebase-patches/rebase-patches`` and ``rollback-base/rollback-base``: served, run on demand
+  (``deltapatch base upgrade|rollback``; flows/rebase.py).
 - ``train-patch/gpu``: on the work pool ``gpu`` (type process; concurrency = one run per GPU), built
   with ``flow.from_source(<code folder>, "flows/patch_task.py:train_patch_flow").deploy(...)`` and
   picked up by ``prefect worker start --pool gpu`` on each GPU machine. Its runs carry the tag
@@ -32,6 +34,7 @@ from deltapatch.config import load_params  # noqa: E402
 from deltapatch.faults import training_run_env  # noqa: E402
 from deltapatch.inbox import ARRIVED_EVENT, TASK_NAME_LABEL, TASK_RESOURCE_PREFIX  # noqa: E402
 from flows.patch_task import patch_task_flow, rollback_patch_flow, train_patch_flow  # noqa: E402
+from flows.rebase import rebase_patches_flow, rollback_base_flow  # noqa: E402
 
 TRAIN_DEPLOYMENT_NAME = "gpu"
 
@@ -94,4 +97,11 @@ def served_deployments(project: str) -> list[Any]:
     rollback = rollback_patch_flow.to_deployment(name="rollback-patch", parameters={"project": project},
                                                  description="Point a task's champion back to an older version.",
                                                  tags=["deltapatch"])
-    return [patch, rollback]
+    rebase = rebase_patches_flow.to_deployment(
+        name="rebase-patches", parameters={"project": project, "train_on": "auto"},
+        description="A new base → every served patch retrained on it (gpu pool), gated, one switch.",
+        tags=["deltapatch"])
+    rollback_base = rollback_base_flow.to_deployment(name="rollback-base", parameters={"project": project},
+                                                     description="The previous base and its patches back in service.",
+                                                     tags=["deltapatch"])
+    return [patch, rollback, rebase, rollback_base]

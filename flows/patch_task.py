@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run, task_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from deltapatch import faults, pipeline, pool  # noqa: E402
+from deltapatch import base_versions, faults, pipeline, pool  # noqa: E402
 from deltapatch.data.ingest import file_sha256  # noqa: E402
 from deltapatch.errors import DatasetError, retryable  # noqa: E402
 from deltapatch.gate import GateResult  # noqa: E402
@@ -47,13 +47,20 @@ def training_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     """Cache key of the training tasks: faults.training_key (task, data content, recipe, base) and the
     project. A finished training is reused — a retried or resubmitted arrival is not trained again."""
     try:
-        params = pipeline.project_params(parameters.get("project"))
+        params = _training_params(parameters.get("project"), parameters.get("base_version"))
         sha = parameters.get("manifest_sha256") or file_sha256(Path(parameters["task_dir"]) / "manifest.csv")
         key = faults.training_key(params, parameters["task_name"], sha, parameters.get("epochs"))
     except Exception:  # noqa: BLE001 — no key (e.g. the data is not here yet): the task runs, uncached
         return None
     project = hashlib.sha256(str(pipeline.project_root(params).resolve()).encode()).hexdigest()[:8]
     return f"deltapatch-{key}-{project}"
+
+
+def _training_params(project: str | None, base_version: int | None) -> dict[str, Any]:
+    """The project's params; with `base_version`, its base: section is that registered base (a rebase
+    onto a new base: deltapatch.rebase), fetched from the registry by whichever worker trains."""
+    params = pipeline.project_params(project)
+    return base_versions.base_params(params, base_version) if base_version else params
 
 
 TRAIN_DEPLOYMENT = "train-patch/gpu"
@@ -89,10 +96,10 @@ def version_task(project: str | None, ingested: dict[str, Any]) -> dict[str, Any
 @task(name="train-delta-patch", task_run_name="train {task_name}", retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_if_retryable, **TRAINING_CACHE)
 def train_task(project: str | None, task_name: str, task_dir: str, data_version: str, manifest_sha256: str | None,
-               epochs: int | None = None, attempt: int = 1) -> dict[str, Any]:
+               epochs: int | None = None, attempt: int = 1, base_version: int | None = None) -> dict[str, Any]:
     """Checkpoints every epoch; a retry (here, or a new run of the pool's deployment) resumes from the
     last finished epoch when the checkpoint is reachable, and says so when it is not."""
-    params = pipeline.project_params(project)
+    params = _training_params(project, base_version)
     logger = get_run_logger()
 
     def on_epoch(record: Any) -> None:
@@ -113,14 +120,15 @@ def train_task(project: str | None, task_name: str, task_dir: str, data_version:
 
 @task(name="train-on-gpu-pool", task_run_name="train {task_name} on the gpu pool", **TRAINING_CACHE)
 def train_on_pool_task(project: str | None, task_name: str, task_dir: str, data_version: str,
-                       manifest_sha256: str, epochs: int | None = None) -> dict[str, Any]:
+                       manifest_sha256: str, epochs: int | None = None, base_version: int | None = None) -> dict[str, Any]:
     """Run the `train-patch/gpu` deployment and wait (bounded); a crashed run is followed by a new one
     that resumes from the checkpoint (deltapatch.pool). Returns the training result with ``attempts``."""
     logger = get_run_logger()
     params = pipeline.project_params(project)
     done = pool.train_on_pool(params, TRAIN_DEPLOYMENT,
                               dict(project=project, task_name=task_name, task_dir=task_dir, data_version=data_version,
-                                   manifest_sha256=manifest_sha256, epochs=epochs),
+                                   manifest_sha256=manifest_sha256, epochs=epochs,
+                                   **({"base_version": base_version} if base_version else {})),
                               say=logger.info, warn=logger.warning,
                               idempotency_prefix=f"{task_run.id}:{task_run.run_count}")
     return {**done.trained, "attempts": [a.as_dict() for a in done.attempts]}
@@ -160,10 +168,12 @@ def _train_run_name() -> str:
 
 @flow(name="train-patch", flow_run_name=_train_run_name, persist_result=True)
 def train_patch_flow(task_name: str, task_dir: str, data_version: str = "", manifest_sha256: str = "",
-                     epochs: int | None = None, project: str | None = None, attempt: int = 1) -> dict[str, Any]:
+                     epochs: int | None = None, project: str | None = None, attempt: int = 1,
+                     base_version: int | None = None) -> dict[str, Any]:
     """The GPU step: train one Δ-patch (device auto: CUDA + AMP when present, else CPU). `attempt` > 1:
-    a new run after a crashed one (its parent counts them), which resumes from the checkpoint."""
-    return train_task(project, task_name, task_dir, data_version, manifest_sha256 or None, epochs, attempt)
+    a new run after a crashed one (its parent counts them), which resumes from the checkpoint.
+    `base_version`: train on that registered base instead of the project's (a rebase)."""
+    return train_task(project, task_name, task_dir, data_version, manifest_sha256 or None, epochs, attempt, base_version)
 
 
 def _run_name() -> str:
