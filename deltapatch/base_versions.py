@@ -149,8 +149,14 @@ def register_weights(params: dict[str, Any], weights: str | Path, arch: str | No
     write_sidecar(staged, BaseSettings(**settings), side.get("class_names") or _class_names(params, state), fp, {})
     try:
         base = load_base_files(staged)
-    except ConfigError as exc:  # names the staged copy: say which file the user gave
-        raise ConfigError(f"{src}: {str(exc).split(': ', 1)[-1]}", hint="pass --arch <torchvision name> of these weights") from None
+    except ConfigError as exc:  # it names the staged copy and params.yaml: name the user's file and option
+        arch_name = settings["arch"]
+        if "is not a torchvision model" in str(exc):
+            raise ConfigError(f"architecture '{arch_name}' is not a torchvision model",
+                              hint="pass --arch with a torchvision name, e.g. resnet18, resnet50, vgg11_bn") from None
+        raise ConfigError(f"{src}: these weights do not fit architecture '{arch_name}' "
+                          f"(small_input_stem={settings['small_input_stem']})",
+                          hint=f"pass --arch <the torchvision name of {src.name}'s architecture>") from None
     version = register_base(params, base)
     acc = base_accuracy(params, base)
     bases.set_base_tags(params, version, {bases.T_BASE_ACC: f"{acc:.6f}", bases.T_ARCH: base.settings.arch})
