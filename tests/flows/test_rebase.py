@@ -7,6 +7,9 @@ refused upgrade, with its classifier zeroed (chance accuracy)."""
 
 from __future__ import annotations
 
+import base64
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,65 +76,105 @@ def _images(params: dict[str, Any]) -> np.ndarray:
     return (data.test.images[:6].permute(0, 2, 3, 1).numpy()).astype(np.uint8)
 
 
-def _serve_sync(params: dict[str, Any]) -> Any:
-    from deltapatch.models.base import load_base
-    from deltapatch.registry.runtime import Predictor
-    from deltapatch.serve import ChampionSync
+def _body(images: np.ndarray) -> dict[str, Any]:
+    from deltapatch.registry.runtime import encode_png
 
-    sync = ChampionSync(params, Predictor(load_base(params)))
-    sync.refresh()
-    return sync
+    return {"items": [{"task": task, "image": base64.b64encode(encode_png(img)).decode()}
+                      for task in ("base", *TASKS) for img in images]}
 
 
-def _answers(sync: Any, images: np.ndarray) -> list[Any]:
-    return [sync.predictor.predict(images, task) for task in ("base", *TASKS)]
+class Client(threading.Thread):
+    """Loops /predict (every task) until stopped; counts the answers that were not 200."""
+
+    def __init__(self, client: Any, body: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.client, self.body, self.stop, self.ok, self.failed = client, body, threading.Event(), 0, []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            response = self.client.post("/predict", json=self.body)
+            if response.status_code == 200:
+                self.ok += 1
+            else:
+                self.failed.append(f"{response.status_code}: {response.text[:200]}")
+            time.sleep(0.2)
+
+
+def _wait_for_base(client: Any, fingerprint: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get("/health").json()["base_fingerprint"] != fingerprint:
+        assert time.monotonic() < deadline, client.get("/tasks").json()
+        time.sleep(0.5)
+
+
+def _artifact(state: Any) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    only_this_run = ArtifactFilter(key=ArtifactFilterKey(any_=["rebase-patches"]),
+                                   flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=only_this_run)
+    assert len(found) == 1
+    return str(found[0].data)
 
 
 def test_upgrade_switches_once_trains_on_registered_data_and_rolls_back(base_project, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
     from deltapatch import base_versions
     from deltapatch.data.versioning import tasks_dir
     from deltapatch.registry import bases, registry
+    from deltapatch.serve import create_app
 
     params = _project(base_project, tmp_path)
     old = registry.champions(params)
-    sync = _serve_sync(params)
-    images = _images(params)
-    before = _answers(sync, images)
-    old_fp = sync.predictor.fingerprint
+    body = _body(_images(params))
     # glyphs is re-ingested (not retrained) after registration: its folder no longer holds the champion's data
     registered_sha = file_sha256(tasks_dir(params) / "glyphs" / "manifest.csv")
     pipeline.ingest_step(params, write_task(tmp_path / "src2", "glyphs", per_class=8, seed=5), "glyphs")
     assert file_sha256(tasks_dir(params) / "glyphs" / "manifest.csv") != registered_sha
 
     new = base_versions.register_weights(params, _new_base(params, tmp_path / "in" / "new.safetensors"))
-    state = _flow(params, new.version)
-    assert state.is_completed(), state.message
-    out = state.result()
-    by_task = {o["task"]: o for o in out["outcomes"]}
-    assert sorted(by_task) == sorted(TASKS) and all(o["passed"] for o in by_task.values())
-    assert by_task["glyphs"]["manifest_sha256"] == registered_sha  # the registered DVC version, not the folder
+    with TestClient(create_app(params, poll_seconds=2.0)) as http:
+        before = http.post("/predict", json=body).json()["results"]
+        old_fp = http.get("/health").json()["base_fingerprint"]
+        loop = Client(http, body)
+        loop.start()  # a client keeps asking during the whole rebase and the switch
+        state = _flow(params, new.version)
+        assert state.is_completed(), state.message
+        _wait_for_base(http, new.fingerprint)
+        after_switch = http.get("/tasks").json()
+        loop.stop.set()
+        loop.join(60)
+        assert loop.failed == [] and loop.ok > 0
 
-    view = bases.serving_set(params)
-    assert view.base_version == new.version and not view.unavailable
-    for task, info in view.tasks.items():
-        assert info["base_fingerprint"] == new.fingerprint and info["base_version"] == new.version
-        assert info["version"] != old[task]["version"] and info["data_version"] == old[task]["data_version"]
-        assert registry.champions(params)[task]["version"] == info["version"]  # per-task aliases followed
-    tags = bases.get_base(params, new.version).tags
-    assert all(f"rebased/{t}" in tags for t in TASKS) and tags["switched_from"] == str(out["switch"]["from_version"])
-    assert base_versions.local_fingerprint(params) == new.fingerprint  # base.weights follows (DVC-tracked)
-    assert (Path(params["_root"]) / "models" / "base.safetensors.dvc").is_file()
+        out = state.result()
+        by_task = {o["task"]: o for o in out["outcomes"]}
+        assert sorted(by_task) == sorted(TASKS) and all(o["passed"] for o in by_task.values())
+        assert by_task["glyphs"]["manifest_sha256"] == registered_sha  # the registered DVC version, not the folder
+        view = bases.serving_set(params)
+        assert view.base_version == new.version and not view.unavailable
+        for task, info in view.tasks.items():
+            assert info["base_fingerprint"] == new.fingerprint and info["base_version"] == new.version
+            assert info["version"] != old[task]["version"] and info["data_version"] == old[task]["data_version"]
+            assert registry.champions(params)[task]["version"] == info["version"]  # per-task aliases followed
+            assert after_switch[task]["version"] == info["version"]  # served together with the new base
+        tags = bases.get_base(params, new.version).tags
+        assert all(f"rebased/{t}" in tags for t in TASKS) and tags["switched_from"] == str(out["switch"]["from_version"])
+        assert base_versions.local_fingerprint(params) == new.fingerprint  # base.weights follows (DVC-tracked)
+        assert (Path(params["_root"]) / "models" / "base.safetensors.dvc").is_file()
+        report = _artifact(state)
+        assert "| task | version | accuracy (test) | gate |" in report and "base gate passed" in report
+        assert f"| glyphs | v{old['glyphs']['version']} → v{view.tasks['glyphs']['version']} |" in report
 
-    sync.refresh()  # serving swaps base and patches together
-    assert sync.predictor.fingerprint == new.fingerprint and sync.served() == {t: view.tasks[t]["version"] for t in TASKS}
-
-    record = base_versions.roll_back(params)
-    assert record.to_version == out["switch"]["from_version"]
-    back = bases.serving_set(params)
-    assert {t: i["version"] for t, i in back.tasks.items()} == {t: i["version"] for t, i in old.items()}
-    sync.refresh()
-    assert sync.predictor.fingerprint == old_fp and base_versions.local_fingerprint(params) == old_fp
-    assert _answers(sync, images) == before  # bit-identical answers: same base, same patches
+        record = base_versions.roll_back(params)
+        assert record.to_version == out["switch"]["from_version"]
+        back = bases.serving_set(params)
+        assert {t: i["version"] for t, i in back.tasks.items()} == {t: i["version"] for t, i in old.items()}
+        _wait_for_base(http, old_fp)
+        assert base_versions.local_fingerprint(params) == old_fp
+        assert http.post("/predict", json=body).json()["results"] == before  # bit-identical: same base, same patches
 
 
 def test_worse_base_is_refused_and_nothing_is_trained(base_project, tmp_path: Path) -> None:
@@ -170,6 +213,14 @@ def test_failed_task_gate_blocks_the_switch_then_allow_partial(base_project, tmp
     view = bases.serving_set(params)
     assert view.base_version == new.version and set(view.tasks) == {"glyphs"} and "shapes" in view.unavailable
     assert "--allow-partial" in bases.get_base(params, new.version).tags["partial_release"]
+    from fastapi.testclient import TestClient
+
+    from deltapatch.serve import create_app
+
+    with TestClient(create_app(params, poll_seconds=0)) as http:
+        listed = http.get("/tasks").json()
+        assert "glyphs" in listed and "shapes" not in listed and "shapes" in listed["unavailable"]
+        assert http.get("/health").json()["base_fingerprint"] == view.fingerprint
     assert {o["task"]: o["reused"] for o in state.result()["outcomes"]} == {"glyphs": True, "shapes": False}
 
 
