@@ -44,7 +44,7 @@ from deltapatch.models.base import (
     sidecar_path,
     write_sidecar,
 )
-from deltapatch.registry import bases
+from deltapatch.registry import base_switch, bases
 from deltapatch.registry.base_model import register_base
 from deltapatch.registry.reading import champions
 from deltapatch.registry.runtime import load_base_files
@@ -159,7 +159,7 @@ def register_weights(params: dict[str, Any], weights: str | Path, arch: str | No
                           hint=f"pass --arch <the torchvision name of {src.name}'s architecture>") from None
     version = register_base(params, base)
     acc = base_accuracy(params, base)
-    bases.set_base_tags(params, version, {bases.T_BASE_ACC: f"{acc:.6f}", bases.T_ARCH: base.settings.arch})
+    base_switch.set_base_tags(params, version, {bases.T_BASE_ACC: f"{acc:.6f}", bases.T_ARCH: base.settings.arch})
     return bases.get_base(params, version)
 
 
@@ -184,12 +184,12 @@ def adopt(params: dict[str, Any]) -> bases.BaseVersion:
         tasks = {t: int(i["version"]) for t, i in per_task.items() if i["base_fingerprint"] == base.fingerprint}
         unavailable = {t: f"champion v{i['version']} was trained on another base ({i['base_fingerprint'][:19]}…)"
                        for t, i in per_task.items() if t not in tasks}
-        bases.switch(params, version, tasks, unavailable, reason="the project's base put in service", action="adopt")
+        base_switch.switch(params, version, tasks, unavailable, reason="the project's base put in service", action="adopt")
         current = bases.get_base(params, version)
     if current.base_acc is None:
         p = base_params(params, current.version)
         acc = base_accuracy(params, load_base(p))
-        bases.set_base_tags(params, current.version, {bases.T_BASE_ACC: f"{acc:.6f}"})
+        base_switch.set_base_tags(params, current.version, {bases.T_BASE_ACC: f"{acc:.6f}"})
     if not current.dvc_rev and local_fingerprint(params) == current.fingerprint:
         _track_local(params, current.version, f"base: track deltapatch-base v{current.version} with DVC")
     return bases.get_base(params, current.version)
@@ -205,7 +205,7 @@ def _track_local(params: dict[str, Any], version: int, message: str) -> str:
     except VersioningError as exc:
         log.warning("base weights not tracked by DVC: %s", exc)
         commit = ""
-    bases.set_base_tags(params, version, {bases.T_DVC_REV: commit or "untracked"})
+    base_switch.set_base_tags(params, version, {bases.T_DVC_REV: commit or "untracked"})
     return commit
 
 
@@ -229,15 +229,15 @@ def _install_local(params: dict[str, Any], version: int) -> str:
 
 def put_in_service(params: dict[str, Any], version: int, tasks: dict[str, int], unavailable: dict[str, str], *,
                    reason: str, note: str = "", action: str = "upgrade") -> bases.SwitchRecord:
-    """The switch (one alias move, :func:`deltapatch.registry.bases.switch`), then base.weights follows."""
-    record = bases.switch(params, version, tasks, unavailable, reason=reason, note=note, action=action)
+    """The switch (one alias move, :func:`deltapatch.registry.base_switch.switch`), then base.weights follows."""
+    record = base_switch.switch(params, version, tasks, unavailable, reason=reason, note=note, action=action)
     record.dvc_rev = _install_local(params, version)
     return record
 
 
 def roll_back(params: dict[str, Any], to: int | None = None, reason: str = "") -> bases.SwitchRecord:
     """Back to the previous base (or base `to`) and the patches it served; base.weights follows."""
-    record = bases.rollback(params, to=to, reason=reason)
+    record = base_switch.rollback(params, to=to, reason=reason)
     record.dvc_rev = _install_local(params, record.to_version)
     return record
 

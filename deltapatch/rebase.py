@@ -37,69 +37,21 @@ from deltapatch.data.ingest import file_sha256
 from deltapatch.data.task_data import export_task, task_data_at
 from deltapatch.data.versioning import TRAILER_SHA, TRAILER_TASK, git, resolve_rev, tasks_dir
 from deltapatch.data.versioning.versions import _trailers
-from deltapatch.errors import DeltapatchError
 from deltapatch.gate import ACC_EPSILON, Champion, GateCheck, GateResult, gate_settings, run_gate
-from deltapatch.registry import bases
+from deltapatch.rebase_records import (
+    BaseGate,
+    RebaseJob,
+    RebaseOutcome,
+    RebaseRefused,
+    RebaseReport,
+    fmt_acc,
+    report_markdown,
+)
+from deltapatch.registry import base_switch, bases
 from deltapatch.registry.reading import download_patch, list_patches
-from deltapatch.step_results import Registered, TrainedPatch, _Record
+from deltapatch.step_results import Registered, TrainedPatch
 
 T_REBASED_FROM = "rebased_from"  # patch version tag: the champion version it was rebased from
-
-
-class RebaseRefused(DeltapatchError):
-    """The base gate refused the new base, or some tasks failed their gate (no switch)."""
-
-
-@dataclass
-class BaseGate(_Record):
-    new_version: int
-    new_acc: float
-    current_version: int
-    current_acc: float
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return self.new_acc >= self.current_acc - self.tolerance - ACC_EPSILON
-
-    @property
-    def message(self) -> str:
-        verdict = "passed" if self.passed else "REFUSED"
-        return (f"base gate {verdict}: new base v{self.new_version} accuracy {self.new_acc:.4f} vs current base "
-                f"v{self.current_version} {self.current_acc:.4f} (gate.base_upgrade_tolerance {self.tolerance:g})")
-
-
-@dataclass
-class RebaseJob(_Record):
-    """One task to rebase: the champion it replaces and that champion's exact data."""
-
-    task: str
-    old_version: int
-    old_acc: float | None
-    data_version: str
-    manifest_sha256: str  # full sha256 of the data version's manifest.csv
-
-
-@dataclass
-class RebaseOutcome(_Record):
-    task: str
-    old_version: int
-    old_acc: float | None
-    new_version: str = ""
-    new_acc: float | None = None
-    passed: bool = False
-    detail: str = ""
-    reused: bool = False       # registered by an earlier run of the rebase: not trained again
-    manifest_sha256: str = ""  # of the data the new patch was trained on
-    seconds: float = 0.0
-
-
-@dataclass
-class RebaseReport(_Record):
-    gate: dict[str, Any]
-    outcomes: list[dict[str, Any]] = field(default_factory=list)
-    switch: dict[str, Any] | None = None
-    message: str = ""
 
 
 def base_gate(params: dict[str, Any], new_version: int) -> BaseGate:
@@ -185,8 +137,8 @@ def record(params: dict[str, Any], new_base: int, job: RebaseJob, registered: Re
     client.set_model_version_tag(name, registered.version, T_REBASED_FROM, str(job.old_version))
     acc = float(trained.metrics["patch_acc"])
     verdict = "gate passed" if gate.passed else "GATE FAILED: " + "; ".join(c.detail for c in gate.failed)
-    bases.link_rebased(params, new_base, job.task,
-                       f"v{job.old_version} → v{registered.version}: {verdict} ({_acc(job.old_acc)} → {acc:.3f})")
+    base_switch.link_rebased(params, new_base, job.task,
+                       f"v{job.old_version} → v{registered.version}: {verdict} ({fmt_acc(job.old_acc)} → {acc:.3f})")
     return RebaseOutcome(job.task, job.old_version, job.old_acc, registered.version, acc, gate.passed,
                          gate.message, False, job.manifest_sha256, seconds)
 
@@ -210,28 +162,6 @@ def decide(params: dict[str, Any], gate: BaseGate, outcomes: list[RebaseOutcome]
             if failed else "")
     return base_versions.put_in_service(params, gate.new_version, tasks, unavailable,
                                         reason=f"base upgrade from v{gate.current_version}", note=note)
-
-
-def _acc(value: float | None) -> str:
-    return "-" if value is None else f"{float(value):.3f}"
-
-
-def report_markdown(gate: BaseGate, outcomes: list[RebaseOutcome], switch: bases.SwitchRecord | None, message: str = "") -> str:
-    """The rebase's one table (a Prefect artifact; also printed by `deltapatch base upgrade`)."""
-    lines = [f"# Base upgrade v{gate.current_version} → v{gate.new_version}", "", gate.message, ""]
-    if outcomes:
-        lines += ["| task | version | accuracy (test) | gate |", "|---|---|---|---|"]
-        for o in outcomes:
-            gate_text = ("✅ reused" if o.reused else "✅") if o.passed else f"❌ {o.detail}"
-            lines.append(f"| {o.task} | v{o.old_version} → {('v' + o.new_version) if o.new_version else '-'} | "
-                         f"{_acc(o.old_acc)} → {_acc(o.new_acc)} | {gate_text} |")
-        lines.append("")
-    if switch is not None:
-        lines.append(f"**Switched** to base v{switch.to_version} at {switch.at} with {len(switch.tasks)} patch(es)"
-                     + (f"; unavailable: {', '.join(sorted(switch.unavailable))}" if switch.unavailable else "") + ".")
-    if message:
-        lines.append(message)
-    return "\n".join(lines) + "\n"
 
 
 Train = Callable[[dict[str, Any], RebaseJob, Path], TrainedPatch]
