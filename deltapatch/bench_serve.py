@@ -372,7 +372,7 @@ def run_bench_serve(params: dict[str, Any], out_dir: Path, **overrides: Any) -> 
     server = ServerProcess(params, _free_port(), out_dir / "server.log")
     try:
         listed = server.wait_healthy(settings.startup_timeout, headers)
-        tasks = sorted(t for t in listed if t not in ("base", "refused"))
+        tasks = sorted(t for t in listed if t not in ("base", "refused", "unavailable"))
         if not tasks:
             raise DeltapatchError("no champion patch is served; promote one first (deltapatch run PATH) "
                                   "so the benchmark can send mixed-task batches")

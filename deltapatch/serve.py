@@ -3,7 +3,9 @@
     GET  /health   → {"status": "ok", "base_fingerprint", "tasks": {task: version}, "registry_error",
                       "limits": {...}}                                   (always open, no token)
     GET  /tasks    → {"base": {...}, task: {"version", "classes", "patch_acc", "data_version"}, ...,
-                      "refused": {task: reason}}
+                      "refused": {task: reason}, "unavailable": {task: reason}}
+                   (unavailable: tasks with no patch for the base in service, e.g. after
+                   `deltapatch base upgrade --allow-partial`)
     POST /predict  {"items": [{"task": "shapes", "image": "<base64 image file>"}, ...]}
                    → {"results": [{"task", "version", "class", "class_index", "score", "scores"}, ...]}
                    (ONE forward for the whole request, shared with the requests queued at
