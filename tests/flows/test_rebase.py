@@ -250,3 +250,39 @@ def test_crash_mid_fan_out_rerun_finishes_only_the_missing_tasks(base_project, t
     assert trained == ["glyphs", "shapes", "shapes"]  # glyphs was not trained again
     assert len([v for v in registry.list_patches(params, "glyphs") if v["base_version"] == new.version]) == 1
     assert bases.serving_set(params).base_version == new.version
+
+
+def test_fan_out_on_the_gpu_pool(base_project, tmp_path: Path) -> None:
+    """Each task's training is a `train-patch/gpu` run picked up by a real `prefect worker` process, which
+    fetches the new base from the registry (the worker's process does not have it)."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from deltapatch import base_versions
+    from deltapatch.registry import bases
+    from flows.deployments import deploy_training, ensure_pool
+    from flows.rebase import rebase_patches_flow
+    from tests.conftest import REPO_ROOT, kill_process_group
+
+    params = _project(base_project, tmp_path, {"faults": {"poll_seconds": 0.5, "queue_timeout_s": 600}})
+    ensure_pool("rebase-test", 2)
+    deploy_training(params["_root"], "rebase-test")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(tmp_path / "worker-home"),
+           "PYTHONPATH": str(REPO_ROOT)}
+    with (tmp_path / "worker.log").open("ab") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "rebase-test",
+                                   "--type", "process"], cwd=REPO_ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        new = base_versions.register_weights(params, _new_base(params, tmp_path / "in" / "new.safetensors"))
+        state = rebase_patches_flow(base_version=new.version, project=params["_root"], train_on="pool",
+                                    return_state=True)
+    finally:
+        kill_process_group(worker)
+    assert state.is_completed(), f"{state.message}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
+    view = bases.serving_set(params)
+    assert view.base_version == new.version and sorted(view.tasks) == sorted(TASKS)
+    assert all(info["base_fingerprint"] == new.fingerprint for info in view.tasks.values())
