@@ -175,7 +175,8 @@ def _class_names(params: dict[str, Any], state: dict[str, torch.Tensor]) -> list
 def adopt(params: dict[str, Any]) -> bases.BaseVersion:
     """The base in service; when there is none yet (a project from before base versions), the project's
     base.weights is registered (if needed) and put in service with the champions trained on it. Its
-    accuracy and DVC commit are recorded when missing."""
+    accuracy and DVC commit are recorded when missing, and a switch interrupted after its alias move
+    is finished (per-task champions, base.weights)."""
     current = bases.champion_base(params)
     if current is None:
         base = load_base(params)
@@ -186,6 +187,13 @@ def adopt(params: dict[str, Any]) -> bases.BaseVersion:
                        for t, i in per_task.items() if t not in tasks}
         base_switch.switch(params, version, tasks, unavailable, reason="the project's base put in service", action="adopt")
         current = bases.get_base(params, version)
+    else:  # a switch interrupted after its alias move: finish its bookkeeping
+        fixed = base_switch.repair(params)
+        if fixed:
+            log.warning("finished an interrupted base switch: the champions of %s follow base v%s", fixed, current.version)
+        local = local_fingerprint(params)
+        if local != current.fingerprint and any(b.fingerprint == local for b in bases.list_bases(params)):
+            _install_local(params, current.version)  # base.weights is a stale registered base, not a user's new file
     if current.base_acc is None:
         p = base_params(params, current.version)
         acc = base_accuracy(params, load_base(p))

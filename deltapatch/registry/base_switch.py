@@ -67,7 +67,7 @@ def switch(params: dict[str, Any], to_version: int, tasks: dict[str, int], unava
         client.set_registered_model_alias(name, settings.champion_alias, str(target.version))  # THE switch
         event = {"action": action, "at": at, "from_version": current, "to_version": target.version, "reason": reason}
         client.set_registered_model_tag(name, "last_alias_change", json.dumps(event))
-    _follow(params, tasks, unavailable, f"base {action} to {name} v{target.version}")
+        _follow(params, tasks, unavailable, f"base {action} to {name} v{target.version}")
     return SwitchRecord(action, current, target.version, dict(tasks), dict(unavailable), at)
 
 
@@ -83,6 +83,29 @@ def _follow(params: dict[str, Any], tasks: dict[str, int], unavailable: dict[str
     for task in sorted(unavailable):
         if task in current:
             client.delete_registered_model_alias(settings.model_name(task), settings.champion_alias)
+
+
+@_wrap_errors
+def repair(params: dict[str, Any]) -> list[str]:
+    """Finish the bookkeeping of a switch interrupted after its alias move (serving was right all along):
+    every task's own `champion` is moved to the version served with the base in service, and removed
+    where the task is unavailable. Returns the tasks fixed (none when nothing was left undone)."""
+    settings = registry_settings(params)
+    with _lock(params, BASE_LOCK, settings):
+        view = serving_set(params)
+        if view.base_version is None:
+            return []
+        own = champions(params)
+        fixed = []
+        for task, info in sorted(view.tasks.items()):
+            if task not in own or own[task]["base_fingerprint"] != view.fingerprint:
+                promote(params, task, info["version"], reason="finishing an interrupted base switch")
+                fixed.append(task)
+        for task in sorted(view.unavailable):
+            if task in own and own[task]["base_fingerprint"] != view.fingerprint:
+                _client(params).delete_registered_model_alias(settings.model_name(task), settings.champion_alias)
+                fixed.append(task)
+        return fixed
 
 
 @_wrap_errors
@@ -116,4 +139,4 @@ def link_rebased(params: dict[str, Any], base_version: int, task: str, text: str
     set_base_tags(params, base_version, {f"{T_REBASED_PREFIX}{task}": text})
 
 
-__all__ = ["link_rebased", "rollback", "set_base_tags", "switch"]
+__all__ = ["link_rebased", "repair", "rollback", "set_base_tags", "switch"]

@@ -168,6 +168,15 @@ def test_upgrade_switches_once_trains_on_registered_data_and_rolls_back(base_pro
         assert "| task | version | accuracy (test) | gate |" in report and "base gate passed" in report
         assert f"| glyphs | v{old['glyphs']['version']} → v{view.tasks['glyphs']['version']} |" in report
 
+        # a switch interrupted after its alias move (per-task alias left behind, base.weights stale) is
+        # finished by the next `base` command, which adopts the base in service
+        from deltapatch.registry.client import _client
+
+        _client(params).set_registered_model_alias("deltapatch-shapes", "champion", str(old["shapes"]["version"]))
+        assert bases.serving_set(params).tasks["shapes"]["version"] == view.tasks["shapes"]["version"]  # still right
+        base_versions.adopt(params)
+        assert registry.champions(params)["shapes"]["version"] == view.tasks["shapes"]["version"]
+
         record = base_versions.roll_back(params)
         assert record.to_version == out["switch"]["from_version"]
         back = bases.serving_set(params)
