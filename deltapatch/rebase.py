@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from deltapatch import base_versions, pipeline
+from deltapatch.config import project_root
 from deltapatch.data.dataset import load_task_dir
 from deltapatch.data.ingest import file_sha256
 from deltapatch.data.task_data import export_task, task_data_at
@@ -75,7 +76,7 @@ def manifest_sha_of(params: dict[str, Any], task: str, data_version: str) -> str
     manifest = tasks_dir(params) / task / "manifest.csv"
     if manifest.is_file() and marker and file_sha256(manifest).startswith(marker):
         return file_sha256(manifest)
-    root = Path(params["_root"]).resolve()
+    root = project_root(params).resolve()
     commit = git(root, "rev-parse", "--verify", "-q", f"{resolve_rev(data_version)}^{{commit}}", check=False).strip()
     trailers = _trailers(git(root, "show", "-s", "--format=%B", commit)) if commit else {}
     if trailers.get(TRAILER_TASK) == task and trailers.get(TRAILER_SHA, "").startswith(marker):

@@ -153,6 +153,9 @@ def test_upgrade_switches_once_trains_on_registered_data_and_rolls_back(base_pro
         by_task = {o["task"]: o for o in out["outcomes"]}
         assert sorted(by_task) == sorted(TASKS) and all(o["passed"] for o in by_task.values())
         assert by_task["glyphs"]["manifest_sha256"] == registered_sha  # the registered DVC version, not the folder
+        export = Path(params["_root"]) / ".deltapatch" / "exports" / f"glyphs-{registered_sha[:16]}" / "manifest.csv"
+        assert file_sha256(export) == registered_sha  # read from DVC at that version; the working copy untouched
+        assert file_sha256(tasks_dir(params) / "glyphs" / "manifest.csv") != registered_sha
         view = bases.serving_set(params)
         assert view.base_version == new.version and not view.unavailable
         for task, info in view.tasks.items():

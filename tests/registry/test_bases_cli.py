@@ -56,3 +56,34 @@ def test_list_puts_the_project_base_in_service_and_bad_weights_are_refused(cli: 
     assert [b.version for b in list_bases(params)] == [1]
     nothing = run("rollback")
     assert nothing.exit_code == 2 and "replaced no other base" in nothing.output
+
+
+def test_upgrade_without_prefect_then_rollback(cli: Any, tmp_path: Path) -> None:
+    """The library path (deltapatch.rebase.rebase) behind `base upgrade --no-prefect`, on one task."""
+    from safetensors.torch import save_file
+
+    from deltapatch import pipeline
+    from deltapatch.models.base import read_state_dict
+    from deltapatch.registry import bases
+    from tests.flows.conftest import write_task
+
+    run, params = cli
+    params["gate"].update({"min_patch_accuracy": 0.0, "rebase_tolerance": 1.0, "base_upgrade_tolerance": 1.0})
+    (Path(params["_root"]) / "params.yaml").write_text(
+        (Path(params["_root"]) / "params.yaml").read_text()
+        .replace("base_upgrade_tolerance: 0.0", "base_upgrade_tolerance: 1.0").replace("rebase_tolerance: 0.0", "rebase_tolerance: 1.0"))
+    pipeline.run_pipeline(params, write_task(tmp_path / "src", "shapes", per_class=8), "shapes", epochs=1, progress=False)
+    state = read_state_dict(Path(params["_root"]) / "models" / "base.safetensors")
+    bias = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1].replace("weight", "bias")
+    state[bias] = state[bias] + 1e-3
+    save_file(state, str(tmp_path / "new.safetensors"))
+
+    upgraded = run("upgrade", str(tmp_path / "new.safetensors"), "--no-prefect", "--epochs", "1")
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "| shapes | v1 → v2 |" in upgraded.output and "Switched" in upgraded.output
+    assert bases.serving_set(params).base_version == 2
+    shown = run("show")
+    assert shown.exit_code == 0 and "rebased/shapes" in shown.output and "v1 → v2: gate passed" in shown.output
+    back = run("rollback")
+    assert back.exit_code == 0 and "base v2 → v1 with shapes v1" in back.output, back.output
+    assert bases.serving_set(params).tasks["shapes"]["version"] == 1
