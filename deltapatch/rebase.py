@@ -175,12 +175,13 @@ def local_train(new_params: dict[str, Any], job: RebaseJob, folder: Path, epochs
 
 @dataclass
 class Rebased:
-    """The patches rebased so far (patch folder, test accuracy): each later gate checks them for interference."""
+    """The patches rebased so far, task → (patch folder, test accuracy, version, data version): each later
+    gate checks that they still reproduce their accuracy beside it."""
 
-    dirs: dict[str, tuple[Path, float]] = field(default_factory=dict)
+    dirs: dict[str, tuple[Path, float, str, str]] = field(default_factory=dict)
 
     def champions(self, exclude: str) -> list[Champion]:
-        return [Champion(t, "rebased", d, acc) for t, (d, acc) in self.dirs.items() if t != exclude]
+        return [Champion(t, v, d, acc, dv) for t, (d, acc, v, dv) in self.dirs.items() if t != exclude]
 
 
 def finish_one(params: dict[str, Any], new_params: dict[str, Any], new_version: int, job: RebaseJob,
@@ -193,14 +194,15 @@ def finish_one(params: dict[str, Any], new_params: dict[str, Any], new_version: 
     registered = pipeline.register_step(new_params, trained, gate, job.data_version)
     outcome = record(params, new_version, job, registered, gate, trained, seconds)
     if outcome.passed:
-        rebased.dirs[job.task] = (patch_dir, float(trained.metrics["patch_acc"]))
+        rebased.dirs[job.task] = (patch_dir, float(trained.metrics["patch_acc"]), outcome.new_version, job.data_version)
     return outcome
 
 
 def reuse_one(params: dict[str, Any], job: RebaseJob, info: dict[str, Any], rebased: Rebased, dst: Path) -> RebaseOutcome:
     """A task an earlier run rebased: its registered patch joins the interference references."""
     folder = download_patch(params, job.task, version=info["version"], dst=dst / job.task)
-    rebased.dirs[job.task] = (folder, float("nan") if info.get("patch_acc") is None else float(info["patch_acc"]))
+    acc = float("nan") if info.get("patch_acc") is None else float(info["patch_acc"])
+    rebased.dirs[job.task] = (folder, acc, str(info["version"]), job.data_version)
     return reused_outcome(job, info)
 
 

@@ -50,11 +50,11 @@ def done_task(project: str | None, task_name: str, job: dict[str, Any], base_ver
 
 
 def _rebased(dirs: dict[str, list[Any]]) -> rebase.Rebased:
-    return rebase.Rebased({t: (Path(d), float(a)) for t, (d, a) in dirs.items()})
+    return rebase.Rebased({t: (Path(d), float(a), str(v), str(dv)) for t, (d, a, v, dv) in dirs.items()})
 
 
 def _dirs(rebased: rebase.Rebased) -> dict[str, list[Any]]:
-    return {t: [str(d), a] for t, (d, a) in rebased.dirs.items()}
+    return {t: [str(d), a, v, dv] for t, (d, a, v, dv) in rebased.dirs.items()}
 
 
 @task(name="gate-and-register-rebased", task_run_name="gate and register {task_name}")
