@@ -32,7 +32,8 @@ from typing import Any
 from deltapatch.config import load_params, project_root, section, state_dir
 from deltapatch.data.dataset import load_task_dir
 from deltapatch.data.ingest import file_sha256, ingest, quarantine
-from deltapatch.data.versioning import VersioningError, pull_data, push_data, tasks_dir
+from deltapatch.data.task_data import task_data_at
+from deltapatch.data.versioning import VersioningError, push_data, tasks_dir
 from deltapatch.delta.patch import read_patch_meta
 from deltapatch.errors import DatasetError, DeltapatchError, GateFailed
 from deltapatch.evaluate import BaseCheck
@@ -117,9 +118,9 @@ def train_step(params: dict[str, Any], task: str, task_dir: str | os.PathLike[st
     worker on another machine can hand the patch back through Prefect's result storage;
     :func:`materialise_patch` writes them out again.
     """
-    task_dir = Path(task_dir)
-    if not (task_dir / "manifest.csv").is_file():  # a worker on another machine: fetch the data
-        pull_data(params)
+    # The working copy's folder when it holds this data version, else an export of that version
+    # from DVC (a re-ingested task rebased onto a new base; a worker on another machine).
+    task_dir = task_data_at(params, task, data_version, manifest_sha256, folder=task_dir)
     sha = manifest_sha256 or file_sha256(task_dir / "manifest.csv")
     ckpt = checkpoint_path(params, task, sha, epochs)
     out = Path(out_dir) if out_dir else patch_out_dir(params, task, sha)
