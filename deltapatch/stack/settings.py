@@ -49,6 +49,8 @@ class StackSettings:
         shared mount) where flow results — the trained patch on its way back from a GPU worker — are
         written, through the Prefect block `local-file-system/<result_block>`; or `block:TYPE/NAME`,
         a Prefect storage block you created (e.g. `block:s3-bucket/deltapatch-results`).
+    worker_limit: training runs at once on the stack's own worker (0: no limit of its own; the pool's
+        pool_concurrency still caps the fleet). 1 leaves the other runs to other machines' workers.
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +69,7 @@ class StackSettings:
     postgres_port: int = 5442
     postgres_dir: str = ""
     result_storage: str = ".deltapatch/results"
+    worker_limit: int = 0
 
 
 RESULT_BLOCK_NAME = "deltapatch-results"
@@ -184,7 +187,6 @@ def process_env(params: dict[str, Any], state: dict[str, Any] | None = None) -> 
         # Flow results (the trained patch coming back from a GPU worker) go to storage every machine
         # reaches, never to one machine's PREFECT_HOME: deltapatch.stack.results.
         "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": result_block_slug(settings),
-        "DELTAPATCH_CODE_ROOT": str(code_root()),
     })
     if settings.database == "postgres":  # the password comes from PGPASSFILE, never from a URL
         cluster = postgres.cluster(params, settings)
