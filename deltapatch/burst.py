@@ -43,6 +43,7 @@ class BurstResult:
     last_run_created_s: float | None = None  # when the last arrival's run appeared
     window_s: float = 0.0
     missing: list[str] = field(default_factory=list)  # arrivals without a run
+    failures: list[str] = field(default_factory=list)  # "<run>: <state message>" of the failed runs
 
     @property
     def dropped(self) -> int:
@@ -96,6 +97,8 @@ def run_burst(params: dict[str, Any], sources: list[Path], within_s: float, wind
     result.window_s = round(elapsed, 1)
     result.started, result.running = len(seen), running
     result.failed = sum(1 for s in states if s in BAD_STATES)
+    result.failures = [f"{run['name']}: {(run.get('state') or {}).get('message', '')}"[:300] for run in seen.values()
+                       if (run.get("state") or {}).get("type") in BAD_STATES]
     result.missing = sorted(paths[p] for p in paths if p not in seen)
     say(f"{result.started}/{result.arrivals} arrivals started a run ({result.running} running or past it, "
         f"{result.failed} failed) within {result.window_s:.0f} s")

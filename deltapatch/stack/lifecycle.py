@@ -13,7 +13,7 @@ from deltapatch.automations import ensure_zombie_automation
 from deltapatch.config import ConfigError, project_root, state_dir
 from deltapatch.errors import DeltapatchError
 from deltapatch.faults import fault_settings
-from deltapatch.registry.store import check_single_store, init_store, project_store
+from deltapatch.registry.store import check_single_store, init_store, inspect_store, project_store
 from deltapatch.registry.tracking import external_registry
 from deltapatch.stack import postgres
 from deltapatch.stack.health import _health, status
@@ -60,7 +60,9 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"params.yaml: stack ports must differ, got {ports}")
     if "mlflow" in cmds and "postgres" not in cmds:
-        init_store(project_store(state_dir(params)).uri)  # created once, before server and clients race
+        init_store(project_store(state_dir(params)).uri)
+    if "mlflow" in cmds and "postgres" in cmds:
+        _refuse_a_second_registry(params)  # created once, before server and clients race
     env = process_env(params)
     root = project_root(params).resolve()
     stack_urls = urls(params)  # nested for `status`, flat for readers of one key (registry.tracking)
@@ -216,6 +218,18 @@ def _stop(live: dict[str, dict[str, Any]], timeout: float, say: Callable[[str], 
     for entry in live.values():
         _signal_group(entry, signal.SIGKILL, leader_check=False)
     return list(live)
+
+
+def _refuse_a_second_registry(params: dict[str, Any]) -> None:
+    """A project whose patches are in its sqlite store must not silently get an empty registry on a
+    new PostgreSQL cluster (the same rule as for a split registry: never pick one of two stores)."""
+    cluster = postgres.cluster(params, stack_settings(params))
+    found = inspect_store(project_store(state_dir(params)).db)
+    if not cluster.initialised and not found.empty:
+        raise StackError(f"stack.database is postgres, but this project's registry is in {found.describe()}; a new "
+                         "PostgreSQL cluster would start an empty second registry",
+                         hint="keep stack.database: sqlite for this project, or start a new project for postgres "
+                              "(moving a registry between databases is not automated)")
 
 
 def start_postgres(params: dict[str, Any], say: Callable[[str], None], start: Callable[[], None]) -> None:
