@@ -1,5 +1,5 @@
 """Rank allocation under the same budget: uniform vs proportional vs AdaLoRA-style importance
-(the budget: README, "Budget (opt-in for now)"). Same base, recipe (params.yaml `train:`)
+(the budget: README, "Budget"). Same base, recipe (params.yaml `train:`)
 and seed for every variant; one JSON line per (task, seed, variant), resumable.
 
     python benchmarks/allocation_study.py PROJECT OUT.jsonl --tasks glyphs,shapes --seeds 0,1 \
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     lowrank = {"allocation": variant}
                 run["delta"]["lowrank"] = lowrank
-                run["delta"]["budget_pct"] = budget  # the budget is opt-in: switch it on for every variant
+                run["delta"]["budget_pct"] = budget  # the same budget for every variant, whatever the project sets
                 started = time.perf_counter()
                 result = train_patch(run, data, out_dir=args.out.parent / "patches" / f"{task}-{variant}-{seed}",
                                      session=session, progress=False)

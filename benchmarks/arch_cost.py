@@ -1,11 +1,11 @@
 """Per-architecture cost of a Δ-patch, measured robustly on a shared CPU (the budget: README,
-"Budget (opt-in for now)"): the patch's size under `delta.budget_pct`, its training-step time against full
+"Budget"): the patch's size under `delta.budget_pct`, its training-step time against full
 fine-tuning, and its serving latency merged/unmerged against the pristine base.
 
     python benchmarks/arch_cost.py PROJECT [PROJECT ...] [--steps 8] [--batch 64] --out cost.csv
 
 Each PROJECT is a scratch deltapatch project whose base is pre-trained (`deltapatch pretrain`), with
-`delta.budget_pct` set in its params.yaml (the budget is opt-in; null measures lowrank.rank everywhere).
+`delta.budget_pct` as in its params.yaml (null measures one rank everywhere).
 Training steps of the Δ and of full fine-tuning are timed ALTERNATELY (order flipped every round,
 medians compared), like the bench's latencies, so background load hits both alike; a per-step
 ratio equals the per-epoch ratio on the same data. Inputs are random (timing only).

@@ -8,8 +8,8 @@ parameters and its file stay within that share of the base (every stored tensor 
 layers and the head are a fixed cost; what is left is shared among the Δ layers by
 `allocate_ranks`, a pure function of the layers' shapes.
 
-The budget is opt-in for now: `delta.budget_pct: null` (the default) keeps one rank on every layer
-(params.yaml: rank 8) until the benchmark table is re-run under the budget.
+params.yaml ships `delta.budget_pct: 3`; null lifts the cap (and an explicit `delta.lowrank.rank`
+puts one rank on every layer instead of allocating).
 
     layout = net.patch_layout(num_classes=10)            # shapes + fixed costs of one patch
     ranks = allocate_ranks(layout.layers, layout.delta_budget(3.0), "uniform")

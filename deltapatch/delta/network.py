@@ -93,7 +93,7 @@ class DeltaNetwork(nn.Module):
         """Create a fresh, zero-initialised patch: with it selected the network equals the base
         (apart from the new head). `config` is first resolved for this network (with a budget:
         per-layer ranks under it); the resolved config is `task_configs[task]`. With
-        `config.budget_pct` set (opt-in), a patch that stores more values (Δs, norm parameters and
+        `config.budget_pct` set, a patch that stores more values (Δs, norm parameters and
         statistics, head, file overhead) than that share of the base's parameters is refused."""
         validate_task_name(task)
         if task in self.task_configs:

@@ -36,7 +36,7 @@ from deltapatch.train import (
 @dataclass
 class PretrainSettings:
     """params.yaml `pretrain:` section: overrides of `train:` for pre-training the base, the least
-    test accuracy above chance a base must reach to be saved, and the (opt-in) precise-BatchNorm step."""
+    test accuracy above chance a base must reach to be saved, and the precise-BatchNorm step."""
 
     epochs: int = 8
     batch_size: int = 64
@@ -47,7 +47,18 @@ class PretrainSettings:
     augment_translate: float = 0.0
     augment_scale: float = 0.0
     min_gain_over_chance: float = 0.1
-    precise_bn_batches: int = 0  # > 0: precise BatchNorm statistics over this many batches (0: off)
+    # Precise BatchNorm after pre-training: N > 0 batches, 0 off, "auto" (every training batch, only
+    # for nets whose BatchNorm averages move slowly: `needs_precise_batchnorm`).
+    precise_bn_batches: int | str = "auto"
+
+    def precise_batches(self, model: nn.Module) -> int | None:
+        """How many training batches precise BN averages over for `model`: 0 = not applied, None = all."""
+        if self.precise_bn_batches == "auto":
+            return None if needs_precise_batchnorm(model) else 0
+        if isinstance(self.precise_bn_batches, int) and self.precise_bn_batches >= 0:
+            return self.precise_bn_batches
+        raise ConfigError(f"params.yaml: pretrain.precise_bn_batches={self.precise_bn_batches!r} must be auto or an "
+                          "integer ≥ 0")
 
 
 class PretrainFailed(DeltapatchError):
@@ -59,14 +70,25 @@ def chance_accuracy(labels: torch.Tensor) -> float:
     return float(labels.bincount().max()) / len(labels) if len(labels) else 0.0
 
 
+# PyTorch's BatchNorm default. Families tuned for ImageNet-length schedules lower it (torchvision's
+# MobileNetV3: 0.01), and after a pre-training of a few hundred steps their running
+# averages still sit near the initial 0/1: the saved base scored chance in eval mode (measured:
+# mobilenet_v3_small 0.097 with a training loss of 0.004) although it had learnt the task.
+SLOW_BN_MOMENTUM = 0.1
+
+
+def needs_precise_batchnorm(model: nn.Module) -> bool:
+    """Whether some BatchNorm of `model` averages its statistics more slowly than PyTorch's default."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               and m.momentum is not None and m.momentum < SLOW_BN_MOMENTUM for m in model.modules())
+
+
 def precise_batchnorm(model: nn.Module, split: Split, norm: Normalizer, batch_size: int,
                       max_batches: int | None = None) -> None:
     """Re-estimate every BatchNorm's running statistics as the exact average over `split` (its first
-    `max_batches` batches; None: all) with the final weights ("precise BN"). Some families
-    (MobileNetV3: momentum 0.01) are built for hundreds of thousands of steps; after a short
-    pre-training their running averages still sit near the initial 0/1, and the saved base scored
-    chance in eval mode although it had learnt the task. Opt-in (`pretrain.precise_bn_batches`): it
-    changes the saved base."""
+    `max_batches` batches; None: all) with the final weights ("precise BN"); see SLOW_BN_MOMENTUM for
+    why. `pretrain.precise_bn_batches: auto` applies it only where `needs_precise_batchnorm`, so the
+    default ResNet-18 base (momentum 0.1) is saved exactly as before."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -160,8 +182,9 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     norm = Normalizer(settings.mean, settings.std, device)
     trainable = Trainable(model, list(model.parameters()), model.state_dict, model.load_state_dict)
     fit(trainable, data, train_settings, norm, seed=seed, desc=f"pretrain {settings.arch} on {data.name}", progress=progress)
-    if pretrain.precise_bn_batches > 0:  # opt-in: it changes the saved statistics, i.e. the base
-        precise_batchnorm(model, data.train, norm, train_settings.batch_size, pretrain.precise_bn_batches)
+    precise = pretrain.precise_batches(model)
+    if precise != 0:
+        precise_batchnorm(model, data.train, norm, train_settings.batch_size, precise)
     test_acc = accuracy(predict_logits(model, data.test, norm), data.test.labels)
     chance = chance_accuracy(data.test.labels)
     if test_acc < chance + pretrain.min_gain_over_chance:
@@ -171,7 +194,9 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
             f"on such a base fail their gate. Change params.yaml: pretrain.lr (now {train_settings.lr:g}; "
             f"try 0.001–0.003), pretrain.epochs (now {train_settings.epochs}; try more), or base.small_input_stem "
             f"(now {settings.small_input_stem}; true adapts the stem to {settings.input_size}×{settings.input_size} "
-            f"inputs); or bring trained weights (base.weights)"
+            f"inputs), or pretrain.precise_bn_batches (now {pretrain.precise_bn_batches}; auto or N > 0 "
+            f"re-estimates the BatchNorm statistics: a low training loss with chance test accuracy is that); "
+            f"or bring trained weights (base.weights)"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The parameter budget (opt-in): rank allocation (pure), its use by DeltaNetwork, and the default without it."""
+"""The parameter budget: rank allocation (pure), its use by DeltaNetwork, explicit ranks under it, and no budget."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from deltapatch.delta import DeltaNetwork, make_config
 from deltapatch.delta.budget import TENSOR_OVERHEAD, BudgetError, LayerShape, PatchLayout, allocate_ranks
+from deltapatch.delta.kinds.lowrank import DEFAULT_RANK
 from deltapatch.errors import DeltapatchError
 from tests.delta.conftest import random_base
 
@@ -80,15 +81,22 @@ def test_default_resnet18_patch_stays_within_3_pct_and_near_the_old_rank_8(alloc
     assert lora_a.shape[0] == ranks["layer4.1.conv2"]  # the layer really has its allocated rank
 
 
-def test_without_a_budget_one_rank_everywhere_and_the_budget_replaces_it_when_set():
+def test_without_a_budget_one_rank_everywhere_and_with_one_an_explicit_rank_is_capped():
     net = DeltaNetwork(random_base())
-    net.add_task("wide", 10, make_config("lowrank", {"rank": 32}))  # budget off (the default): no cap
+    net.add_task("wide", 10, make_config("lowrank", {"rank": 32}))  # no budget: no cap
     trainable, total = net.parameter_counts("wide")
     assert 100 * trainable / total > 3.0 and net.task_configs["wide"].ranks == {}
     assert net.model.conv1.per_task["wide"].rank == 27 and net.model.layer4[1].conv2.per_task["wide"].rank == 32
     assert net.task_configs["wide"].to_dict() == {"rank": 32}  # as before the budget
-    net.add_task("fit", 10, make_config("lowrank", {"rank": 32, "budget_pct": 3.0}))  # budget set: rank unused
-    assert 100 * net.parameter_counts("fit")[0] / total <= 3.0 and max(net.task_configs["fit"].ranks.values()) < 32
+    with pytest.raises(BudgetError, match="above delta.budget_pct 3"):  # an explicit rank the budget cannot pay
+        net.add_task("over", 10, make_config("lowrank", {"rank": 32, "budget_pct": 3.0}))
+    net.add_task("eight", 10, make_config("lowrank", {"rank": 8, "budget_pct": 3.0}))  # the override: rank 8 everywhere
+    assert net.task_configs["eight"].ranks == {} and net.model.layer4[1].conv2.per_task["eight"].rank == 8
+    net.add_task("fit", 10, make_config("lowrank", {"budget_pct": 3.0}))  # the budget alone: allocated ranks
+    assert 100 * net.parameter_counts("fit")[0] / total <= 3.0 and len(set(net.task_configs["fit"].ranks.values())) >= 1
+    assert "rank" not in net.task_configs["fit"].to_dict() and net.task_configs["fit"].to_dict()["ranks"]
+    net.add_task("plain", 10, make_config("lowrank", {}))  # neither: DEFAULT_RANK everywhere
+    assert net.model.layer4[1].conv2.per_task["plain"].rank == DEFAULT_RANK
 
 
 def test_other_kinds_are_capped_by_a_budget():

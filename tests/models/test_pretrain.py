@@ -30,6 +30,7 @@ def test_pretrain_that_cannot_learn_refuses_to_save(tmp_path: Path, monkeypatch:
     message = " ".join(result.output.split())
     assert "within 0.1 of chance" in message and "was NOT written" in message
     assert "pretrain.lr (now 0;" in message and "pretrain.epochs (now 1;" in message
+    assert "pretrain.precise_bn_batches (now auto;" in message
     assert list(tmp_path.glob("models/*")) == []  # neither the weights nor their sidecar
 
 
@@ -50,3 +51,26 @@ def test_precise_batchnorm_replaces_stale_statistics_with_the_split_average():
     bn = model[1]
     torch.testing.assert_close(bn.running_mean, features.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert bn.momentum == 0.01 and not model.training  # hyper-parameters and mode restored
+
+
+@pytest.mark.parametrize(("arch", "slow"), [("resnet18", False), ("mobilenet_v3_small", True), ("efficientnet_b0", False),
+                                            ("convnext_tiny", False)])
+def test_auto_precise_batchnorm_only_for_nets_with_slow_batchnorm_averages(arch: str, slow: bool) -> None:
+    from deltapatch.models.base import BaseSettings, build_architecture
+    from deltapatch.models.pretrain import PretrainSettings, needs_precise_batchnorm
+
+    model = build_architecture(BaseSettings(arch=arch), num_classes=10)
+    assert needs_precise_batchnorm(model) is slow
+    assert PretrainSettings().precise_batches(model) == (None if slow else 0)  # None: every training batch
+    assert PretrainSettings(precise_bn_batches=0).precise_batches(model) == 0
+    assert PretrainSettings(precise_bn_batches=7).precise_batches(model) == 7
+
+
+def test_a_bad_precise_batchnorm_setting_is_named() -> None:
+    from torch import nn
+
+    from deltapatch.config import ConfigError
+    from deltapatch.models.pretrain import PretrainSettings
+
+    with pytest.raises(ConfigError, match="pretrain.precise_bn_batches='sometimes' must be auto"):
+        PretrainSettings(precise_bn_batches="sometimes").precise_batches(nn.BatchNorm2d(2))

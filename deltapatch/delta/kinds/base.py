@@ -26,7 +26,7 @@ FrozenLayer = nn.Conv2d | nn.Linear
 class DeltaConfig:
     """Hyper-parameters of a Δ kind. Subclasses set `kind` and add their fields.
 
-    `budget_pct` (opt-in; params.yaml `delta.budget_pct`) caps everything a patch stores (Δs, norm
+    `budget_pct` (params.yaml `delta.budget_pct`, 3 there) caps everything a patch stores (Δs, norm
     layers, head, file overhead) as a percentage of the base model's parameters, and sizes kinds
     that can be sized (lowrank: per-layer ranks); None (the default): no budget, no cap.
     """

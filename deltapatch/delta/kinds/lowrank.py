@@ -5,8 +5,9 @@ to r channels and B a 1×1 convolution back to C_out: the same function as conv(
 the full-size weight gradient. Grouped convolutions (depthwise) and Linear layers use the
 weight-space form, which is cheap for them.
 
-By default `rank` is the rank of every layer. With a parameter budget (`delta.budget_pct`, opt-in)
-each layer's rank comes from `deltapatch.delta.budget.allocate_ranks` instead.
+With a parameter budget (`delta.budget_pct`, 3 in the shipped params.yaml) each layer's rank comes
+from `deltapatch.delta.budget.allocate_ranks`; an explicit `rank` puts that rank on every layer
+instead (the budget then only caps the patch).
 """
 
 from __future__ import annotations
@@ -25,22 +26,27 @@ from deltapatch.delta.kinds.base import DeltaConfig, DeltaLayer, FrozenLayer
 from deltapatch.delta.kinds.registry import register_delta_kind
 from deltapatch.errors import DeltapatchError
 
+DEFAULT_RANK = 4  # a LowRankConfig() with neither a rank nor a budget (the Python API; params.yaml sets a budget)
+
 
 @dataclass
 class LowRankConfig(DeltaConfig):
-    """`rank`: one rank for every layer, capped at each layer's full rank (the default while
-    `budget_pct` is None, i.e. the budget is off). With `budget_pct` set (opt-in), per-layer ranks
-    are allocated under it by `allocation` instead and `rank` is not used. `ranks` holds the
-    per-layer ranks once allocated for a network (that is what patch.json records, and what loading
-    a patch reuses); rank 0 = no Δ on that layer (a budget too tight for every layer)."""
+    """How the layers' ranks are chosen, most explicit first:
+
+    - `ranks`: per-layer ranks already allocated for a network (what patch.json records and what
+      loading a patch reuses); rank 0 = no Δ on that layer (a budget too tight for every layer);
+    - `rank`: one rank on every layer, capped at each layer's full rank (an explicit override: a
+      set `budget_pct` then only caps what the patch may store);
+    - `budget_pct` alone: per-layer ranks allocated under it by `allocation`;
+    - none of them: `DEFAULT_RANK` on every layer."""
 
     kind = "lowrank"
-    rank: int = 4
-    allocation: str = "uniform"  # with budget_pct; measured against proportional: docs/benchmark.md
+    rank: int | None = None
+    allocation: str = "uniform"  # with budget_pct; measured against proportional and importance: docs/benchmark.md
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.rank < 0:
+        if self.rank is not None and self.rank < 0:
             raise ValueError(f"delta.lowrank.rank must be >= 1 (0: no Δ at all), got {self.rank}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"delta.lowrank.allocation must be one of {list(ALLOCATIONS)}, got '{self.allocation}'")
@@ -49,10 +55,13 @@ class LowRankConfig(DeltaConfig):
             raise ValueError(f"delta_config.ranks must be integers >= 0; got {dict(list(bad.items())[:3])}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Without the budget's fields while the budget is off: {"rank": r}, as before the budget."""
+        """Without the budget's fields while the budget is off ({"rank": r}, as before the budget),
+        and without `rank` when the budget allocated `ranks`."""
         values = super().to_dict()
         if self.budget_pct is None and not self.ranks:
             del values["allocation"], values["ranks"]
+        if values["rank"] is None:  # the ranks were allocated under the budget
+            del values["rank"]
         return values
 
     def resolve(self, layout: PatchLayout) -> LowRankConfig:
@@ -65,8 +74,10 @@ class LowRankConfig(DeltaConfig):
                     f"unknown layers {extra[:3]}; the patch was made for another architecture"
                 )
             return dataclasses.replace(self, ranks={name: self.ranks[name] for name in names})
-        if self.budget_pct is None:
+        if self.rank is not None:
             return self  # `rank` on every layer (LowRankDelta caps it at the layer's full rank)
+        if self.budget_pct is None:
+            return dataclasses.replace(self, rank=DEFAULT_RANK)
         ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), self.allocation)
         return dataclasses.replace(self, ranks=ranks)
 
@@ -86,7 +97,7 @@ class LowRankDelta(DeltaLayer):
         super().__init__(frozen, config)
         weight = frozen.weight
         out_features, fan_in = weight.shape[0], weight[0].numel()
-        rank = self.rank = min(config.rank, out_features, fan_in)
+        rank = self.rank = min(DEFAULT_RANK if config.rank is None else config.rank, out_features, fan_in)
         if rank == 0:  # the budget left this layer without a Δ: the task uses the frozen layer as is
             return
         self.activation_space = isinstance(frozen, nn.Conv2d) and frozen.groups == 1
