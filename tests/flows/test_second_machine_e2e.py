@@ -47,7 +47,9 @@ def two_machine_project(base_project: dict[str, Any], tmp_path: Path, **stack: A
                   "watch_stable_seconds": 1.0, "startup_timeout": 300, "pool_concurrency": 2, "worker_limit": 1,
                   "result_storage": str(shared / "results"), **stack},
         "data": {"dvc_remote": str(shared / "dvc-remote")},
-        "train": {"epochs": 4, "threads": 1},  # 2 cores: one thread per training
+        # 2 cores: one thread per training; enough epochs that the two trainings overlap although the two
+        # arrivals are ingested one after the other (~10 s apart: one git/DVC commit at a time)
+        "train": {"epochs": 10, "threads": 1},
     })
     root = Path(params["_root"])
     clone = tmp_path / "machine-b" / "project"
