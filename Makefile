@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test test-fast bench bench-quick lint browser clean
+.PHONY: setup demo test test-fast bench bench-quick lint browser postgres clean
 
 setup: $(STAMP)  ## create .venv and install the project (a second run takes seconds)
 
@@ -24,10 +24,15 @@ browser:  ## headless Chromium for the MLflow UI test (Debian package)
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "could not install chromium (needs root): the MLflow UI test will fail"
 
+postgres:  ## PostgreSQL server binaries for the `stack.database: postgres` tests (Debian package)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null) \
+		|| echo "could not install postgresql (needs root): the PostgreSQL stack tests will fail"
+
 demo: setup  ## the main job on the embedded default: stack up, patch every demo task, print results
 	$(BIN)/deltapatch demo --project .demo
 
-test: setup browser  ## every test, the slower end-to-end ones included
+test: setup browser postgres  ## every test, the slower end-to-end ones included
 	$(BIN)/pytest -q
 
 test-fast: setup  ## unit tests only

@@ -150,7 +150,11 @@ def materialise_patch(params: dict[str, Any], trained: TrainedPatch) -> Path:
     """Make sure the trained patch exists locally (it may have been trained on another machine)."""
     out = Path(trained.patch_dir)
     files = trained.files
-    if files and not all((out / name).is_file() for name in files):
+    root = project_root(params).resolve()
+    here = out.resolve() == root or root in out.resolve().parents
+    # A folder outside this project is another machine's (or another clone's): use the files the run
+    # returned, never that path, even when this file system happens to show it.
+    if files and (not here or not all((out / name).is_file() for name in files)):
         out = state_dir(params) / "patches" / trained.task / f"received-{int(time.time() * 1000)}" / "patch"
         out.mkdir(parents=True, exist_ok=True)
         for name, blob in files.items():
@@ -370,7 +374,14 @@ def finish(params: dict[str, Any], ingested: Ingested, trained: TrainedPatch, st
 
 
 def project_params(project: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Load params for a flow parameter `project` (None: $DELTAPATCH_PROJECT or the cwd's project)."""
+    """Load params for a flow parameter `project` (None: $DELTAPATCH_PROJECT or the cwd's project).
+
+    On a worker machine (``$DELTAPATCH_WORKER_PROJECT``, set by `deltapatch worker start`) its own
+    clone of the project, whatever path the submitting machine passed: that path is not this machine's.
+    """
+    local = os.environ.get("DELTAPATCH_WORKER_PROJECT", "").strip()
+    if local:
+        return load_params(Path(local).resolve())
     return load_params(Path(project).resolve() if project else None)
 
 

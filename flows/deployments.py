@@ -7,7 +7,9 @@
   (``deltapatch base upgrade|rollback``; flows/rebase.py).
 - ``train-patch/gpu``: on the work pool ``gpu`` (type process; concurrency = one run per GPU), built
   with ``flow.from_source(<code folder>, "flows/patch_task.py:train_patch_flow").deploy(...)`` and
-  picked up by ``prefect worker start --pool gpu`` on each GPU machine. Its runs carry the tag
+  picked up by ``deltapatch worker start`` (``prefect worker start --pool gpu`` with the environment a
+  training run needs) on each GPU machine. Its pull step enters the code folder of the machine that
+  deployed it: a GPU machine keeps its checkout of the code at the same path. Its runs carry the tag
   ``deltapatch-heartbeat`` and, through the deployment's job variables, the environment of
   :func:`deltapatch.faults.training_run_env` (heartbeats on): whichever worker runs them, the stack's
   zombie automation (:mod:`deltapatch.automations`) sees a dead one within ``faults.zombie_after_seconds``.

@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run, task_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from deltapatch import base_versions, faults, pipeline, pool  # noqa: E402
+from deltapatch import base_versions, faults, pipeline, pool, worker  # noqa: E402
 from deltapatch.data.ingest import file_sha256  # noqa: E402
 from deltapatch.errors import DatasetError, retryable  # noqa: E402
 from deltapatch.gate import GateResult  # noqa: E402
@@ -99,8 +99,11 @@ def train_task(project: str | None, task_name: str, task_dir: str, data_version:
                epochs: int | None = None, attempt: int = 1, base_version: int | None = None) -> dict[str, Any]:
     """Checkpoints every epoch; a retry (here, or a new run of the pool's deployment) resumes from the
     last finished epoch when the checkpoint is reachable, and says so when it is not."""
-    params = _training_params(project, base_version)
+    params = _training_params(project, base_version)  # on another machine's worker: its own clone
     logger = get_run_logger()
+    task_dir = worker.local_task_dir(params, task_name, task_dir)
+    if worker.fetch_data_version(params, data_version):
+        logger.info("fetched data version %s into this worker's clone (git fetch)", data_version)
 
     def on_epoch(record: Any) -> None:
         logger.info("epoch %d: loss %.3f, train acc %.3f, val acc %.3f (%.1f s)", record.epoch,

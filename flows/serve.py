@@ -23,6 +23,7 @@ from deltapatch.config import load_params, project_root  # noqa: E402
 from deltapatch.errors import DeltapatchError  # noqa: E402
 from deltapatch.faults import fault_settings  # noqa: E402
 from deltapatch.stack import stack_settings  # noqa: E402
+from deltapatch.stack.results import ensure_result_storage  # noqa: E402
 from flows.deployments import deploy_training, ensure_pool, pool_concurrency, served_deployments  # noqa: E402
 
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = stack_settings(params)
     pool = args.pool or settings.gpu_pool
     ensure_pool(pool, pool_concurrency(settings.pool_concurrency))
+    print(f"flow results go to the storage block {ensure_result_storage(params)}", flush=True)
     deploy_training(project, pool)
     try:  # `stack up` ensures it too (and reports a failure); serving must not depend on it
         guard = ensure_zombie_automation(str(PREFECT_API_URL.value()).rstrip("/"), fault_settings(params))

@@ -35,7 +35,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v",
 
 
 # Each module defines `register(app: typer.Typer) -> None`.
-_COMMAND_MODULES = ("core", "data", "bench", "registry", "bases", "orchestration", "serving", "stream", "doctor")
+_COMMAND_MODULES = ("core", "data", "bench", "registry", "bases", "orchestration", "serving", "stream", "doctor",
+                    "worker")
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"deltapatch.cli.{_name}").register(app)

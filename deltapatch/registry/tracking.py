@@ -92,7 +92,15 @@ def external_registry() -> str | None:
 def resolve_tracking_uri(params: dict[str, Any]) -> str:
     """The tracking (and registry) URI every deltapatch entry point uses."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return external_registry() or stack_mlflow_url(params) or local_store(params)[0]
+    found = external_registry() or stack_mlflow_url(params)
+    if found:
+        return found
+    if (params.get("stack") or {}).get("database") == "postgres":
+        # The registry lives in the stack's PostgreSQL cluster; the sqlite file would be another store.
+        raise RegistryUnreachable("this project's registry is in the stack's PostgreSQL database "
+                                  "(stack.database: postgres), and the stack's MLflow server is not running",
+                                  hint="start it with `deltapatch stack up`")
+    return local_store(params)[0]
 
 
 def uses_project_store(params: dict[str, Any]) -> bool:

@@ -9,6 +9,7 @@ import httpx
 
 from deltapatch.automations import zombie_automation_state
 from deltapatch.faults import fault_settings
+from deltapatch.stack import postgres
 from deltapatch.stack.processes import _http_ok, is_running
 from deltapatch.stack.settings import (
     DEPLOYMENTS,
@@ -29,6 +30,9 @@ def _health(params: dict[str, Any], name: str, state: dict[str, Any]) -> tuple[b
     if not entry or not is_running(entry):
         return False, "not running"
     try:
+        if name == "postgres":
+            cluster = postgres.cluster(params, settings)
+            return postgres.healthy(cluster), f"PostgreSQL on {cluster.host}:{cluster.port} ({cluster.data})"
         if name == "prefect":
             return (_http_ok(u["prefect_api_url"] + "/health"), u["prefect_url"])
         if name == "mlflow":

@@ -13,8 +13,9 @@ from deltapatch.automations import ensure_zombie_automation
 from deltapatch.config import ConfigError, project_root, state_dir
 from deltapatch.errors import DeltapatchError
 from deltapatch.faults import fault_settings
-from deltapatch.registry.store import check_single_store, init_store, project_store
+from deltapatch.registry.store import check_single_store, init_store, inspect_store, project_store
 from deltapatch.registry.tracking import external_registry
+from deltapatch.stack import postgres
 from deltapatch.stack.health import _health, status
 from deltapatch.stack.processes import _commands, _port_free, _ports, _proc_start_time, _spawn, is_running
 from deltapatch.stack.settings import (
@@ -58,8 +59,10 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
                          f"them or pick other ports in params.yaml (the keys named above)")
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"params.yaml: stack ports must differ, got {ports}")
-    if "mlflow" in cmds:
-        init_store(project_store(state_dir(params)).uri)  # created once, before server and clients race
+    if "mlflow" in cmds and "postgres" not in cmds:
+        init_store(project_store(state_dir(params)).uri)
+    if "mlflow" in cmds and "postgres" in cmds:
+        _refuse_a_second_registry(params)  # created once, before server and clients race
     env = process_env(params)
     root = project_root(params).resolve()
     stack_urls = urls(params)  # nested for `status`, flat for readers of one key (registry.tracking)
@@ -77,6 +80,8 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
         wait_healthy(params, [n for n in names if n in cmds], state, deadline, say)
 
     try:
+        if "postgres" in cmds:
+            start_postgres(params, say, lambda: start(["postgres"]))
         start(["prefect", "mlflow"])
         start(["worker", "deployments", "watcher", "serve"])
         _ensure_zombie_guard(params, say)
@@ -109,10 +114,16 @@ def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], N
     root = project_root(params).resolve()
     deadline = time.monotonic() + settings.startup_timeout
     for name in dead:
-        entries[name] = _spawn(params, name, cmds[name], env, root)
-        say(f"restarted {name} (pid {entries[name]['pid']}): it was down")
-        _write_state(params, state)
-        wait_healthy(params, [name], state, deadline, say)
+        def restart(name: str = name) -> None:
+            entries[name] = _spawn(params, name, cmds[name], env, root)
+            say(f"restarted {name} (pid {entries[name]['pid']}): it was down")
+            _write_state(params, state)
+            wait_healthy(params, [name], state, deadline, say)
+
+        if name == "postgres":
+            start_postgres(params, say, restart)
+        else:
+            restart()
     if kept:
         listed = ", ".join(f"{n} (pid {entries[n]['pid']})" for n in kept)
         say(f"kept running: {listed}")
@@ -178,9 +189,11 @@ def down(params: dict[str, Any], on_progress: Callable[[str], None] | None = Non
         return []
     entries = state.get("processes", {})
     live = {n: entries[n] for n in reversed(PROCESS_ORDER) if n in entries and is_running(entries[n])}
-    clients = {n: e for n, e in live.items() if n not in SERVERS}
+    clients = {n: e for n, e in live.items() if n not in SERVERS and n != "postgres"}
     servers = {n: e for n, e in live.items() if n in SERVERS}
     stopped = _stop(clients, settings.stop_timeout, say) + _stop(servers, settings.stop_timeout, say)
+    if "postgres" in live:  # last: the Prefect and MLflow servers write to it until they exit
+        stopped += _stop_postgres(live["postgres"], settings.stop_timeout, say)
     state["processes"] = {}
     state["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _write_state(params, state)
@@ -205,6 +218,45 @@ def _stop(live: dict[str, dict[str, Any]], timeout: float, say: Callable[[str], 
     for entry in live.values():
         _signal_group(entry, signal.SIGKILL, leader_check=False)
     return list(live)
+
+
+def _refuse_a_second_registry(params: dict[str, Any]) -> None:
+    """A project whose patches are in its sqlite store must not silently get an empty registry on a
+    new PostgreSQL cluster (the same rule as for a split registry: never pick one of two stores)."""
+    cluster = postgres.cluster(params, stack_settings(params))
+    found = inspect_store(project_store(state_dir(params)).db)
+    if not cluster.initialised and not found.empty:
+        raise StackError(f"stack.database is postgres, but this project's registry is in {found.describe()}; a new "
+                         "PostgreSQL cluster would start an empty second registry",
+                         hint="keep stack.database: sqlite for this project, or start a new project for postgres "
+                              "(moving a registry between databases is not automated)")
+
+
+def start_postgres(params: dict[str, Any], say: Callable[[str], None], start: Callable[[], None]) -> None:
+    """Create the cluster when missing (initdb, generated password), start its server with `start`
+    (spawn + wait until healthy), then create the Prefect and MLflow databases when missing."""
+    cluster = postgres.cluster(params, stack_settings(params))
+    if postgres.prepare(cluster):
+        say(f"created the PostgreSQL cluster {cluster.data} (password in {cluster.passfile}, mode 0600)")
+    start()
+    created = postgres.ensure_databases(cluster)
+    if created:
+        say(f"created the PostgreSQL database(s) {', '.join(created)}")
+
+
+def _stop_postgres(entry: dict[str, Any], timeout: float, say: Callable[[str], None]) -> list[str]:
+    """Fast shutdown (SIGINT to the postmaster), immediate shutdown if it hangs, SIGKILL last."""
+    for sig in postgres.STOP_SIGNALS:
+        if is_running(entry):
+            os.kill(int(entry["pid"]), sig)
+            _wait_gone([entry], timeout)
+    if is_running(entry):
+        say(f"postgres did not stop within {timeout:.0f} s: SIGKILL")
+        _signal_group(entry, signal.SIGKILL)
+        _wait_gone([entry], KILL_WAIT_SECONDS)
+    _signal_group(entry, signal.SIGKILL, leader_check=False)  # backends left without their postmaster
+    say(f"stopped postgres (pid {entry['pid']})")
+    return ["postgres"]
 
 
 def _wait_gone(entries: Iterable[dict[str, Any]], timeout: float) -> None:

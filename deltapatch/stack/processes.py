@@ -18,6 +18,7 @@ import httpx
 from deltapatch.config import load_params, project_root, state_dir
 from deltapatch.registry.store import project_store
 from deltapatch.registry.tracking import external_registry
+from deltapatch.stack import postgres
 from deltapatch.stack.settings import StackSettings, serve_port, stack_dir
 
 
@@ -83,14 +84,18 @@ def _commands(params: dict[str, Any], settings: StackSettings) -> dict[str, list
     registry = project_store(state_dir(params))  # the same store every command opens without a server
     py = sys.executable
     root = str(project_root(params).resolve())
+    cluster = postgres.cluster(params, settings) if settings.database == "postgres" else None
+    backend = cluster.mlflow_url if cluster else registry.uri
     cmds = {
+        "postgres": postgres.server_command(cluster) if cluster else [],
         "prefect": [py, "-m", "prefect", "server", "start", "--host", settings.host,
                     "--port", str(settings.prefect_port)],
-        "mlflow": [py, "-m", "mlflow", "server", "--backend-store-uri", registry.uri,
+        "mlflow": [py, "-m", "mlflow", "server", "--backend-store-uri", backend,
                    "--artifacts-destination", str(registry.artifacts.resolve()), "--host", settings.host,
                    "--port", str(settings.mlflow_port), "--workers", "1"],
         "worker": [py, "-m", "prefect", "worker", "start", "--pool", settings.gpu_pool, "--type", "process",
-                   "--name", f"gpu-worker-{socket.gethostname()}"],
+                   "--name", f"gpu-worker-{socket.gethostname()}",
+                   *(["--limit", str(settings.worker_limit)] if settings.worker_limit > 0 else [])],
         "deployments": [py, "-m", "flows.serve", "--project", root],
         "watcher": [*_deltapatch_cmd(), "watch", "--interval", str(settings.watch_interval),
                     "--stable-seconds", str(settings.watch_stable_seconds)],
@@ -101,12 +106,15 @@ def _commands(params: dict[str, Any], settings: StackSettings) -> dict[str, list
         cmds.pop("serve")
     if external_registry():
         cmds.pop("mlflow")
+    if not cmds["postgres"]:
+        cmds.pop("postgres")
     return cmds
 
 
 def _ports(params: dict[str, Any], settings: StackSettings, names: Iterable[str]) -> dict[str, tuple[str, int]]:
     """process → (params.yaml key, port) of the servers among `names`."""
-    known = {"prefect": ("stack.prefect_port", settings.prefect_port),
+    known = {"postgres": ("stack.postgres_port", settings.postgres_port),
+             "prefect": ("stack.prefect_port", settings.prefect_port),
              "mlflow": ("stack.mlflow_port", settings.mlflow_port),
              "serve": ("registry.serve_port", serve_port(params))}
     return {name: known[name] for name in names if name in known}

@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import deltapatch
-from deltapatch.config import project_root, section, state_dir
+from deltapatch.config import ConfigError, project_root, resolve_path, section, state_dir
 from deltapatch.errors import DeltapatchError
 from deltapatch.faults import prefect_client_env
 from deltapatch.registry.tracking import external_registry, registry_settings
+from deltapatch.stack import postgres
 from deltapatch.telemetry import QUIETED_MARKER, TELEMETRY_OFF
 
 STACK_FILE = "stack.json"
-PROCESS_ORDER = ("prefect", "mlflow", "worker", "deployments", "watcher", "serve")
+PROCESS_ORDER = ("postgres", "prefect", "mlflow", "worker", "deployments", "watcher", "serve")
+DATABASES = ("sqlite", "postgres")
 # the deployments `flows.serve` creates (train-patch/gpu runs on the work pool, the others are served)
 DEPLOYMENTS = ("patch-task/patch-task", "train-patch/gpu", "rollback-patch/rollback-patch")
 
@@ -40,6 +42,15 @@ class StackSettings:
     worker_query_seconds, runner_poll_seconds: how often the worker / the served deployments poll.
     watch_interval, watch_stable_seconds: inbox polling period; how long a dropped dataset must stay
         unchanged before it counts as complete.
+    database: `sqlite` (embedded files) or `postgres` (a local PostgreSQL cluster the stack starts and
+        stops, behind the Prefect server and the MLflow registry: :mod:`deltapatch.stack.postgres`).
+    postgres_port, postgres_dir: where that cluster listens / lives ('' = .deltapatch/stack/postgres).
+    result_storage: a folder every worker machine reaches (relative to the project, or absolute: a
+        shared mount) where flow results — the trained patch on its way back from a GPU worker — are
+        written, through the Prefect block `local-file-system/<result_block>`; or `block:TYPE/NAME`,
+        a Prefect storage block you created (e.g. `block:s3-bucket/deltapatch-results`).
+    worker_limit: training runs at once on the stack's own worker (0: no limit of its own; the pool's
+        pool_concurrency still caps the fleet). 1 leaves the other runs to other machines' workers.
     """
 
     host: str = "127.0.0.1"
@@ -54,10 +65,43 @@ class StackSettings:
     runner_poll_seconds: float = 1.0
     watch_interval: float = 1.0
     watch_stable_seconds: float = 2.0
+    database: str = "sqlite"
+    postgres_port: int = 5442
+    postgres_dir: str = ""
+    result_storage: str = ".deltapatch/results"
+    worker_limit: int = 0
+
+
+RESULT_BLOCK_NAME = "deltapatch-results"
+BLOCK_PREFIX = "block:"
+
+
+def result_block_slug(settings: StackSettings) -> str:
+    """The Prefect storage block of flow results: `TYPE/NAME` given as `block:TYPE/NAME`, else the
+    LocalFileSystem block the stack keeps for the `result_storage` folder."""
+    value = settings.result_storage.strip()
+    if value.startswith(BLOCK_PREFIX):
+        return value[len(BLOCK_PREFIX):]
+    return f"local-file-system/{RESULT_BLOCK_NAME}"
+
+
+def result_folder(params: dict[str, Any]) -> Path | None:
+    """The shared results folder (None when `result_storage` names a block of the user's)."""
+    value = stack_settings(params).result_storage.strip()
+    if value.startswith(BLOCK_PREFIX):
+        return None
+    return resolve_path(params, value).resolve()
 
 
 def stack_settings(params: dict[str, Any]) -> StackSettings:
-    return section(params, "stack", StackSettings)
+    settings = section(params, "stack", StackSettings)
+    if settings.database not in DATABASES:
+        raise ConfigError(f"params.yaml: stack.database is {settings.database!r}; expected one of {list(DATABASES)}")
+    return settings
+
+
+def uses_postgres(params: dict[str, Any]) -> bool:
+    return stack_settings(params).database == "postgres"
 
 
 def stack_dir(params: dict[str, Any]) -> Path:
@@ -140,7 +184,14 @@ def process_env(params: dict[str, Any], state: dict[str, Any] | None = None) -> 
         "DVC_NO_ANALYTICS": "1",
         "DELTAPATCH_PROJECT": str(root),
         "PYTHONUNBUFFERED": "1",
+        # Flow results (the trained patch coming back from a GPU worker) go to storage every machine
+        # reaches, never to one machine's PREFECT_HOME: deltapatch.stack.results.
+        "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": result_block_slug(settings),
     })
+    if settings.database == "postgres":  # the password comes from PGPASSFILE, never from a URL
+        cluster = postgres.cluster(params, settings)
+        env.update(postgres.client_env(cluster))
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = cluster.prefect_url
     env.update(prefect_client_env(params))  # Prefect clients ride out a server restart (faults.outage_window_s)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_root()), path) if p)
