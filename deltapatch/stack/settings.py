@@ -21,7 +21,8 @@ STACK_FILE = "stack.json"
 PROCESS_ORDER = ("postgres", "prefect", "mlflow", "worker", "deployments", "watcher", "serve")
 DATABASES = ("sqlite", "postgres")
 # the deployments `flows.serve` creates (train-patch/gpu runs on the work pool, the others are served)
-DEPLOYMENTS = ("patch-task/patch-task", "train-patch/gpu", "rollback-patch/rollback-patch")
+DEPLOYMENTS = ("patch-task/patch-task", "train-patch/gpu", "rollback-patch/rollback-patch",
+               "rebase-patches/rebase-patches", "rollback-base/rollback-base")
 
 
 class StackError(DeltapatchError):
