@@ -38,7 +38,10 @@ from deltapatch.patching import PatchSession, open_session
 if TYPE_CHECKING:
     from deltapatch.train import Normalizer
 
-ACC_EPSILON = 1e-6  # float noise when comparing accuracies (a count ratio recomputed on the same data)
+# Slack when comparing accuracies. Registered accuracies are MLflow tags rounded to 4 decimals (±5e-5):
+# measured in a base upgrade, a rebased patch with exactly its champion's 88/90 was refused against the
+# tag's 0.9778. One image of a test set of up to 16 000 images is still more than this.
+ACC_EPSILON = 6e-5
 
 
 @dataclass
