@@ -32,12 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from deltapatch import base_versions, pipeline
-from deltapatch.config import project_root
 from deltapatch.data.dataset import load_task_dir
 from deltapatch.data.ingest import file_sha256
-from deltapatch.data.task_data import export_task, task_data_at
-from deltapatch.data.versioning import TRAILER_SHA, TRAILER_TASK, git, resolve_rev, tasks_dir
-from deltapatch.data.versioning.versions import _trailers
+from deltapatch.data.task_data import compact_manifest_prefix, export_task, recorded_manifest, task_data_at
+from deltapatch.data.versioning import tasks_dir
 from deltapatch.gate import ACC_EPSILON, Champion, GateCheck, GateResult, gate_settings, run_gate
 from deltapatch.rebase_records import (
     BaseGate,
@@ -72,15 +70,15 @@ def base_gate(params: dict[str, Any], new_version: int) -> BaseGate:
 def manifest_sha_of(params: dict[str, Any], task: str, data_version: str) -> str:
     """The full sha256 of `task`'s manifest at `data_version` (compact form ends with its first 12 hex):
     from the working copy when it still holds it, else the ingest commit's trailer, else an export."""
-    marker = data_version.rsplit(":", 1)[-1] if data_version.count(":") == 2 else ""
+    marker = compact_manifest_prefix(data_version)
     manifest = tasks_dir(params) / task / "manifest.csv"
-    if manifest.is_file() and marker and file_sha256(manifest).startswith(marker):
-        return file_sha256(manifest)
-    root = project_root(params).resolve()
-    commit = git(root, "rev-parse", "--verify", "-q", f"{resolve_rev(data_version)}^{{commit}}", check=False).strip()
-    trailers = _trailers(git(root, "show", "-s", "--format=%B", commit)) if commit else {}
-    if trailers.get(TRAILER_TASK) == task and trailers.get(TRAILER_SHA, "").startswith(marker):
-        return trailers[TRAILER_SHA]
+    if manifest.is_file() and marker:
+        sha = file_sha256(manifest)
+        if sha.startswith(marker):
+            return sha
+    _, recorded = recorded_manifest(params, task, data_version)
+    if len(recorded) == 64 and recorded.startswith(marker):  # the ingest commit's trailer: the full sha
+        return recorded
     with tempfile.TemporaryDirectory(prefix=f"deltapatch-{task}-") as tmp:
         return export_task(params, data_version, task, Path(tmp) / task)
 

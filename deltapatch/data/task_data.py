@@ -65,13 +65,32 @@ def task_data_at(params: dict[str, Any], task: str, data_version: str = "",
                 hint="pass the task's data version (`deltapatch data versions --task " + task + "`)")
         pull_data(params)
         return folder
-    key = (manifest_sha256 or data_version.rsplit(":", 1)[-1])[:16]
+    key = (manifest_sha256 or compact_manifest_prefix(data_version))[:16]
     export = Path(state_dir(params)) / "exports" / f"{task}-{key}"
     sha = export_task(params, data_version, task, export)
     if manifest_sha256 and sha != manifest_sha256:
         raise VersioningError(f"data version {data_version} of '{task}' holds manifest {sha[:12]}…, "
                               f"not the {manifest_sha256[:12]}… this training was asked for")
     return export
+
+
+def compact_manifest_prefix(data_version: str) -> str:
+    """The manifest sha prefix a compact data version ``<commit>:<md5>:<sha prefix>`` ends with ('' for a revision)."""
+    return data_version.rsplit(":", 1)[-1] if data_version.count(":") == 2 else ""
+
+
+def recorded_manifest(params: dict[str, Any], task: str, data_version: str) -> tuple[str, str]:
+    """(git commit, manifest sha) that `data_version` records for `task`: the full sha256 from the
+    commit's trailer when that commit ingested `task`, else the compact form's prefix ('' if neither)."""
+    root = project_root(params).resolve()
+    commit = git(root, "rev-parse", "--verify", "-q", f"{resolve_rev(data_version)}^{{commit}}", check=False).strip()
+    if not commit:
+        raise VersioningError(f"data version {data_version!r} of '{task}': no such git revision in {root}",
+                              hint="`deltapatch data versions` lists the recorded versions; on another "
+                                   "machine, `git pull` the project first")
+    trailers = _trailers(git(root, "show", "-s", "--format=%B", commit))
+    recorded = trailers.get(TRAILER_SHA, "") if trailers.get(TRAILER_TASK) == task else ""
+    return commit, recorded or compact_manifest_prefix(data_version)
 
 
 def export_task(params: dict[str, Any], data_version: str, task: str, dst: str | os.PathLike[str]) -> str:
@@ -85,14 +104,7 @@ def export_task(params: dict[str, Any], data_version: str, task: str, dst: str |
     """
     root = project_root(params).resolve()
     dst = Path(dst)
-    commit = git(root, "rev-parse", "--verify", "-q", f"{resolve_rev(data_version)}^{{commit}}", check=False).strip()
-    if not commit:
-        raise VersioningError(f"data version {data_version!r} of '{task}': no such git revision in {root}",
-                              hint="`deltapatch data versions` lists the recorded versions; on another "
-                                   "machine, `git pull` the project first")
-    trailers = _trailers(git(root, "show", "-s", "--format=%B", commit))
-    expected = trailers.get(TRAILER_SHA, "") if trailers.get(TRAILER_TASK) == task else ""
-    expected = expected or (data_version.rsplit(":", 1)[-1] if data_version.count(":") == 2 else "")
+    commit, expected = recorded_manifest(params, task, data_version)
     if (dst / MANIFEST).is_file():
         sha = file_sha256(dst / MANIFEST)
         if sha.startswith(expected):
