@@ -45,6 +45,7 @@ from deltapatch.rebase_records import (
     RebaseReport,
     fmt_acc,
     report_markdown,
+    timing_line,
 )
 from deltapatch.registry import base_switch, bases
 from deltapatch.registry.reading import download_patch, list_patches
@@ -139,7 +140,7 @@ def record(params: dict[str, Any], new_base: int, job: RebaseJob, registered: Re
     base_switch.link_rebased(params, new_base, job.task,
                        f"v{job.old_version} → v{registered.version}: {verdict} ({fmt_acc(job.old_acc)} → {acc:.3f})")
     return RebaseOutcome(job.task, job.old_version, job.old_acc, registered.version, acc, gate.passed,
-                         gate.message, False, job.manifest_sha256, seconds)
+                         gate.message, False, job.manifest_sha256, seconds, float(trained.wall_seconds))
 
 
 def reused_outcome(job: RebaseJob, info: dict[str, Any]) -> RebaseOutcome:
@@ -216,6 +217,7 @@ def rebase(params: dict[str, Any], new_version: int, *, allow_partial: bool = Fa
     new_params = base_versions.base_params(params, new_version)
     train = train or (lambda p, j, f: local_train(p, j, f, epochs))
     rebased, outcomes = Rebased(), []
+    started_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="deltapatch-rebase-") as tmp:
         for job in plan(params):
             done = already_rebased(params, job, new_base)
@@ -229,9 +231,9 @@ def rebase(params: dict[str, Any], new_version: int, *, allow_partial: bool = Fa
             say(f"{job.task}: {outcomes[-1].detail}")
         switch = decide(params, gate, outcomes, allow_partial)
     return RebaseReport(gate.as_dict(), [o.as_dict() for o in outcomes], switch.as_dict(),
-                        report_markdown(gate, outcomes, switch))
+                        report_markdown(gate, outcomes, switch, timing_line(time.perf_counter() - started_all, outcomes)))
 
 
 __all__ = ["BaseGate", "RebaseJob", "RebaseOutcome", "RebaseRefused", "RebaseReport", "Rebased", "already_rebased",
            "base_gate", "data_dir", "decide", "finish_one", "gate_rebased", "local_train", "manifest_sha_of", "plan",
-           "rebase", "record", "report_markdown", "reuse_one", "reused_outcome"]
+           "rebase", "record", "report_markdown", "reuse_one", "reused_outcome", "timing_line"]

@@ -56,7 +56,8 @@ class RebaseOutcome(_Record):
     detail: str = ""
     reused: bool = False       # registered by an earlier run of the rebase: not trained again
     manifest_sha256: str = ""  # of the data the new patch was trained on
-    seconds: float = 0.0
+    seconds: float = 0.0        # from submitting the training to the gate's verdict (queueing included)
+    train_seconds: float = 0.0  # the training itself (TrainedPatch.wall_seconds); 0 when reused
 
 
 @dataclass
@@ -69,6 +70,15 @@ class RebaseReport(_Record):
 
 def fmt_acc(value: float | None) -> str:
     return "-" if value is None else f"{float(value):.3f}"
+
+
+def timing_line(wall_seconds: float, outcomes: list[RebaseOutcome]) -> str:
+    """The fan-out's overhead: wall time of the whole rebase against the sum of its trainings."""
+    trained = sum(o.train_seconds for o in outcomes)
+    if trained <= 0:
+        return f"Rebase wall time {wall_seconds:.1f} s (nothing trained)."
+    return (f"Rebase wall time {wall_seconds:.1f} s; the {sum(1 for o in outcomes if o.train_seconds > 0)} training(s) "
+            f"took {trained:.1f} s in total: {wall_seconds / trained:.2f}× their sum.")
 
 
 def report_markdown(gate: BaseGate, outcomes: list[RebaseOutcome], switch: SwitchRecord | None, message: str = "") -> str:
@@ -89,4 +99,4 @@ def report_markdown(gate: BaseGate, outcomes: list[RebaseOutcome], switch: Switc
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BaseGate", "RebaseJob", "RebaseOutcome", "RebaseRefused", "RebaseReport", "fmt_acc", "report_markdown"]
+__all__ = ["BaseGate", "RebaseJob", "RebaseOutcome", "RebaseRefused", "RebaseReport", "fmt_acc", "report_markdown", "timing_line"]

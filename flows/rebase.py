@@ -145,8 +145,10 @@ def rebase_patches_flow(base_version: int, project: str | None = None, allow_par
     except rebase.RebaseRefused as exc:
         _report(gate, outcomes, None, f"**No switch**: {exc}")
         raise
-    _report(gate, outcomes, switch, f"Rebase wall time {time.perf_counter() - started:.1f} s.")
-    return {"gate": gate.as_dict(), "outcomes": [o.as_dict() for o in outcomes], "switch": switch}
+    timing = rebase.timing_line(time.perf_counter() - started, outcomes)
+    logger.info(timing)
+    _report(gate, outcomes, switch, timing)
+    return {"gate": gate.as_dict(), "outcomes": [o.as_dict() for o in outcomes], "switch": switch, "timing": timing}
 
 
 @flow(name="rollback-base", flow_run_name="rollback-base")

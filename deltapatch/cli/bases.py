@@ -124,7 +124,8 @@ def upgrade_cmd(
     from deltapatch.registry.bases import SwitchRecord
 
     console.print(report_markdown(BaseGate.from_dict(result["gate"]),
-                                  [RebaseOutcome.from_dict(o) for o in result["outcomes"]], SwitchRecord(**result["switch"])))
+                                  [RebaseOutcome.from_dict(o) for o in result["outcomes"]], SwitchRecord(**result["switch"]),
+                                  result.get("timing", "")))
 
 
 @base_app.command("rollback")

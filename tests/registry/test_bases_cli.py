@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.flows.conftest import new_project
 
@@ -69,9 +70,10 @@ def test_upgrade_without_prefect_then_rollback(cli: Any, tmp_path: Path) -> None
 
     run, params = cli
     params["gate"].update({"min_patch_accuracy": 0.0, "rebase_tolerance": 1.0, "base_upgrade_tolerance": 1.0})
-    (Path(params["_root"]) / "params.yaml").write_text(
-        (Path(params["_root"]) / "params.yaml").read_text()
-        .replace("base_upgrade_tolerance: 0.0", "base_upgrade_tolerance: 1.0").replace("rebase_tolerance: 0.0", "rebase_tolerance: 1.0"))
+    params_file = Path(params["_root"]) / "params.yaml"
+    on_disk = yaml.safe_load(params_file.read_text())
+    on_disk["gate"].update({"base_upgrade_tolerance": 1.0, "rebase_tolerance": 1.0})
+    params_file.write_text(yaml.safe_dump(on_disk, sort_keys=False))
     pipeline.run_pipeline(params, write_task(tmp_path / "src", "shapes", per_class=8), "shapes", epochs=1, progress=False)
     state = read_state_dict(Path(params["_root"]) / "models" / "base.safetensors")
     bias = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1].replace("weight", "bias")
