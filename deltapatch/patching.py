@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ from deltapatch.train import (
     predict_logits,
     resolve_device,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +93,20 @@ def open_session(params: dict[str, Any], device: torch.device | None = None, *,
     return PatchSession(base, DeltaNetwork(base.model) if net is None else net, norm, base_data, reference, device)
 
 
+def budget_note(net: DeltaNetwork, task: str, num_classes: int) -> str:
+    """A warning when `task`'s budget left layers without a Δ (thin networks: measured on
+    MobileNetV3-small, docs/benchmark.md), naming the budget from which every layer gets one."""
+    config = net.task_configs[task]
+    missing = config.layers_without_delta()
+    if not missing:
+        return ""
+    layout = net.patch_layout(num_classes)
+    return (f"delta.budget_pct {config.budget_pct:g} leaves {missing} of {len(layout.layers)} layers of this base "
+            f"without a Δ (its norm layers and head alone take {100.0 * layout.fixed_params / layout.base_params:.2f} % "
+            f"of its parameters); accuracy suffers: set delta.budget_pct to at least "
+            f"{math.ceil(10.0 * layout.full_coverage_pct()) / 10.0:g} for a Δ on every layer")
+
+
 def patch_trainable(net: DeltaNetwork, task: str) -> Trainable:
     net.select(task)
     return Trainable(
@@ -116,6 +134,9 @@ def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: 
         net.remove_task(task)
     config = make_config(kind, delta.options(kind))
     net.add_task(task, data.num_classes, config)
+    note = budget_note(net, task, data.num_classes)
+    if note:
+        log.warning(note)
     started = time.perf_counter()
     fitted = fit(patch_trainable(net, task), data, settings, session.norm, seed=seed, checkpoint=checkpoint,
                  desc=f"Δ-patch {task} ({kind})", progress=progress, on_epoch=on_epoch, epochs=epochs)
@@ -140,6 +161,7 @@ def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: 
         "trainable_pct": 100.0 * trainable / total,
         "train_s_per_epoch": fitted.seconds_per_epoch,
         "train_seconds": train_seconds,
+        "layers_without_delta": float(net.task_configs[task].layers_without_delta()),
     }
     _save_with_size(net, meta, out_dir)
     return PatchResult(task, Path(out_dir), meta, fitted, check, meta.metrics)

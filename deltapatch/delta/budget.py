@@ -77,6 +77,11 @@ class PatchLayout:
         tensors = self.fixed_tensors + 2 * len(self.layers)
         return self.norm_state + self.head_params + TENSOR_OVERHEAD * tensors
 
+    def full_coverage_pct(self) -> float:
+        """The smallest budget (% of the base) that pays for a rank-1 Δ on every layer: below it a
+        thin network (norm layers and head a large share of its parameters) leaves layers without one."""
+        return 100.0 * (self.fixed_params + sum(s.lowrank_params(1) for s in self.layers)) / self.base_params
+
     def budget_params(self, budget_pct: float) -> int:
         return math.floor(budget_pct / 100.0 * self.base_params)
 

@@ -9,6 +9,7 @@ from deltapatch.delta import DeltaNetwork, make_config
 from deltapatch.delta.budget import TENSOR_OVERHEAD, BudgetError, LayerShape, PatchLayout, allocate_ranks
 from deltapatch.delta.kinds.lowrank import DEFAULT_RANK
 from deltapatch.errors import DeltapatchError
+from deltapatch.patching import budget_note
 from tests.delta.conftest import random_base
 
 # A thin stem, two mid layers and a fat last layer, like a CNN's.
@@ -140,3 +141,19 @@ def test_layers_left_without_a_delta_save_load_and_merge(tmp_path, images):
     assert torch.equal(target.select("thin")(images), expected)
     target.merge("thin")
     torch.testing.assert_close(target(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_thin_base_under_the_default_budget_is_told_the_budget_that_covers_every_layer():
+    """MobileNetV3-small: norm layers + head take most of 3 %, so layers go without a Δ (measured
+    accuracy cost: docs/benchmark.md); the note names the budget from which every layer has one."""
+    net = DeltaNetwork(random_base("mobilenet_v3_small"))
+    net.add_task("tight", 10, make_config("lowrank", {"budget_pct": 3.0}))
+    missing = net.task_configs["tight"].layers_without_delta()
+    assert missing > 0
+    note = budget_note(net, "tight", 10)
+    assert f"leaves {missing} of" in note and "set delta.budget_pct to at least" in note
+    enough = float(note.rsplit("at least ", 1)[1].split()[0])
+    assert enough == pytest.approx(net.patch_layout(10).full_coverage_pct(), abs=0.1)
+    net.add_task("covered", 10, make_config("lowrank", {"budget_pct": enough}))
+    assert net.task_configs["covered"].layers_without_delta() == 0 and budget_note(net, "covered", 10) == ""
+    assert budget_note(net, "tight", 10) != ""  # the first patch is unchanged by the second

@@ -50,6 +50,10 @@ class DeltaConfig:
         """The config of the Δ on wrapped layer `name` (default: the same for every layer)."""
         return self
 
+    def layers_without_delta(self) -> int:
+        """How many wrapped layers this resolved config leaves without a Δ (a budget too tight)."""
+        return 0
+
 
 class DeltaLayer(nn.Module, ABC):
     """Trainable Δ for one frozen layer; zero-initialised so a fresh patch equals the base.

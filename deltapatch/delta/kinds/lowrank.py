@@ -81,6 +81,9 @@ class LowRankConfig(DeltaConfig):
         ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), self.allocation)
         return dataclasses.replace(self, ranks=ranks)
 
+    def layers_without_delta(self) -> int:
+        return sum(1 for r in self.ranks.values() if r == 0) if self.ranks else int(self.rank == 0)
+
     def layer_config(self, name: str) -> LowRankConfig:
         if not self.ranks:
             return self
