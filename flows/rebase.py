@@ -23,6 +23,7 @@ disable_telemetry()  # first: MLflow (imported with deltapatch.pipeline) reads i
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.futures import as_completed  # noqa: E402
 
 from deltapatch import base_versions, pipeline, pool, rebase  # noqa: E402
 from deltapatch.data.versioning import tasks_dir  # noqa: E402
@@ -137,9 +138,16 @@ def rebase_patches_flow(base_version: int, project: str | None = None, allow_par
                                        manifest_sha256=job.manifest_sha256, epochs=epochs, project=project,
                                        base_version=base_version)  # one `train-patch` sub-flow run per task
             finished(finish_task(project, base_version, job.task, job.as_dict(), trained, time.perf_counter() - t0, dirs))
-        for job, t0, future in pending:  # gated and registered in submission order, as each finishes
-            trained = future.result()
-            finished(finish_task(project, base_version, job.task, job.as_dict(), trained, time.perf_counter() - t0, dirs))
+        submitted = {future: (job, t0) for job, t0, future in pending}
+        # Gated and registered in the order the trainings end, so that only the last gate runs after
+        # the last training (in submission order, the tasks that finished early waited for the slow
+        # ones and were gated at the end: 1.27× the trainings' sum in the demo's upgrade).
+        for future in as_completed(list(submitted)):
+            job, t0 = submitted[future]
+            finished(finish_task(project, base_version, job.task, job.as_dict(), future.result(),
+                                 time.perf_counter() - t0, dirs))
+    order = {job.task: i for i, job in enumerate(jobs)}
+    outcomes.sort(key=lambda o: order[o.task])  # the report lists the tasks in plan order
     try:
         switch = decide_task(project, gate.as_dict(), [o.as_dict() for o in outcomes], allow_partial)
     except rebase.RebaseRefused as exc:

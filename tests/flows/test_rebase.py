@@ -298,3 +298,4 @@ def test_fan_out_on_the_gpu_pool(base_project, tmp_path: Path) -> None:
     view = bases.serving_set(params)
     assert view.base_version == new.version and sorted(view.tasks) == sorted(TASKS)
     assert all(info["base_fingerprint"] == new.fingerprint for info in view.tasks.values())
+    assert "training(s) took" in state.result()["timing"]  # the fan-out's overhead is reported
