@@ -155,3 +155,86 @@ class TaskHeads(TaskRoutedModule):
         for task, index in groups:
             logits[index, : outputs[task].shape[1]] = outputs[task].to(logits.dtype)
         return logits
+
+
+class LooseParameter(nn.Module):
+    """A parameter the base holds directly on a block rather than in a layer (ConvNeXt's per-channel
+    `layer_scale`), as a module, so that a task can own a copy of it like a norm layer's affine."""
+
+    def __init__(self, value: nn.Parameter) -> None:
+        super().__init__()
+        self.value = value
+
+
+def is_channel_vector(param: nn.Parameter) -> bool:
+    """Whether `param` is a per-channel vector (one dimension > 1, e.g. (C, 1, 1)): the loose
+    parameters a task gets its own copy of. Anything else (a position table, …) stays shared."""
+    return sum(size > 1 for size in param.shape) == 1
+
+
+class TaskScale(TaskRoutedModule):
+    """Per-task copy of a loose per-channel parameter, owned and trained like a norm layer's
+    affine parameters (role "norm"). In ConvNeXt every block's residual branch is multiplied by
+    its frozen `layer_scale` (0.004–0.005 after our pre-training), which would scale whatever a Δ
+    inside the block adds down ~200×; a task's own copy lets it turn the branch up (docs/benchmark.md).
+
+    `value()` replaces the attribute on its owner (`route_loose_parameter`): the base route gets
+    the frozen tensor itself (bit-identical), a task its copy, a mixed batch one row per sample,
+    (N, *shape), which broadcasts against the block's (N, C, H, W) output.
+    """
+
+    role = "norm"
+    frozen: LooseParameter
+
+    def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
+        own = copy.deepcopy(self.frozen)
+        own.value.requires_grad_(True)
+        self.per_task[task] = own
+
+    def scale(self, task: str) -> nn.Parameter:
+        """`task`'s tensor (the frozen one for the base route)."""
+        holder = self._module(task)
+        assert isinstance(holder, LooseParameter)  # add_task puts nothing else here
+        return holder.value
+
+    def value(self) -> torch.Tensor:
+        router = self.router
+        groups = router.groups
+        if groups is None:
+            return self.scale(router.task)
+        frozen = self.frozen.value
+        out = frozen.new_empty((sum(len(index) for _, index in groups), *frozen.shape))
+        for task, index in groups:
+            out[index] = self.scale(task).to(out.dtype)
+        return out
+
+    def forward(self) -> torch.Tensor:
+        return self.value()
+
+
+def route_loose_parameter(owner: nn.Module, name: str, router: Router) -> TaskScale:
+    """Move `owner.<name>` (a per-channel nn.Parameter) into a TaskScale registered under the same
+    name, and give `owner` a subclass whose `<name>` attribute is the routed value: the block's own
+    forward (`self.layer_scale * ...`) then reads the active task's copy, unchanged."""
+    param = owner._parameters.pop(name)
+    assert param is not None  # the caller found it there
+    wrapper = TaskScale(LooseParameter(param), router)
+    owner.add_module(name, wrapper)
+    owner.__class__ = _routed_class(type(owner), name)
+    return wrapper
+
+
+_ROUTED_CLASSES: dict[tuple[type[nn.Module], str], type[nn.Module]] = {}
+
+
+def _routed_class(cls: type[nn.Module], name: str) -> type[nn.Module]:
+    """`cls` with attribute `name` read from its TaskScale child (one class per (cls, name))."""
+    if (cls, name) not in _ROUTED_CLASSES:
+        def routed_value(self: nn.Module) -> torch.Tensor:
+            scale = self._modules[name]
+            assert isinstance(scale, TaskScale)
+            return scale.value()
+
+        _ROUTED_CLASSES[cls, name] = type(f"Routed{cls.__name__}", (cls,),
+                                          {name: property(routed_value), "__module__": __name__})
+    return _ROUTED_CLASSES[cls, name]

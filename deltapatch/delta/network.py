@@ -16,7 +16,16 @@ from torch import nn
 
 from deltapatch.delta.budget import TENSOR_OVERHEAD, BudgetError, LayerShape, PatchLayout
 from deltapatch.delta.kinds import DeltaConfig
-from deltapatch.delta.layers import DeltaWrapped, TaskHeads, TaskNorm, TaskRoutedModule, is_task_norm
+from deltapatch.delta.layers import (
+    DeltaWrapped,
+    TaskHeads,
+    TaskNorm,
+    TaskRoutedModule,
+    TaskScale,
+    is_channel_vector,
+    is_task_norm,
+    route_loose_parameter,
+)
 from deltapatch.delta.routing import BASE, Router
 from deltapatch.errors import DeltapatchError
 from deltapatch.fingerprint import fingerprint
@@ -29,6 +38,11 @@ def final_linear_name(model: nn.Module) -> str:
     if not names:
         raise DeltapatchError("the base model has no nn.Linear classifier; deltapatch needs one")
     return names[-1]
+
+
+def _is_wrapped_kind(module: nn.Module) -> bool:
+    """Conv/linear layers (Δ or head) and norm layers hold their own parameters in their wrapper."""
+    return isinstance(module, nn.Conv2d | nn.Linear) or is_task_norm(module)
 
 
 class DeltaNetwork(nn.Module):
@@ -53,6 +67,10 @@ class DeltaNetwork(nn.Module):
 
     # ---------------------------------------------------------------- construction
     def _wrap(self, base_model: nn.Module) -> None:
+        loose = [(module, key) for module in base_model.modules() if not _is_wrapped_kind(module)
+                 for key, param in module._parameters.items() if param is not None and is_channel_vector(param)]
+        for owner, key in loose:  # before the layers: route_loose_parameter registers a child
+            route_loose_parameter(owner, key, self.router)
         for name, module in list(base_model.named_modules()):
             if name == self.head_name:
                 wrapper: nn.Module = TaskHeads(module, self.router)
@@ -81,7 +99,7 @@ class DeltaNetwork(nn.Module):
             if isinstance(wrapper, DeltaWrapped):
                 weight = wrapper.frozen.weight
                 layers.append(LayerShape(name, int(weight.shape[0]), int(weight[0].numel())))
-            elif isinstance(wrapper, TaskNorm):
+            elif isinstance(wrapper, TaskNorm | TaskScale):
                 state = wrapper.frozen.state_dict()
                 norm_state += sum(t.numel() for t in state.values())
                 fixed_tensors += len(state)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from deltapatch.delta import DeltaNetwork, make_config
-from deltapatch.delta.layers import DeltaWrapped, TaskHeads, TaskNorm, is_task_norm
+from deltapatch.delta.layers import DeltaWrapped, TaskHeads, TaskNorm, TaskScale, is_task_norm
 from deltapatch.models.base import BaseSettings, build_architecture
 from tests.delta.conftest import perturb
 
@@ -37,7 +37,9 @@ def _random_base(arch: str) -> nn.Module:
 
 
 def _frozen_state(net: DeltaNetwork) -> dict[str, torch.Tensor]:
-    return {k.replace(".frozen", ""): v.clone() for k, v in net.model.state_dict().items() if ".per_task." not in k}
+    # ".frozen.value": a loose parameter (ConvNeXt's layer_scale) held by its TaskScale
+    return {k.replace(".frozen.value", "").replace(".frozen", ""): v.clone()
+            for k, v in net.model.state_dict().items() if ".per_task." not in k}
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -137,3 +139,40 @@ def test_layernorm_and_groupnorm_get_per_task_affine_and_the_base_stays_exact(ki
         mixed = net(x, tasks=["a", "base", "a", "base", "a", "base"])
         torch.testing.assert_close(mixed[1::2, :4], reference(x[1::2]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mixed[0::2, :3], net.select("a")(x[0::2]), rtol=1e-5, atol=1e-5)
+
+
+def test_convnext_layer_scale_is_a_per_task_copy_and_the_base_keeps_its_own():
+    """Each task owns every block's layer_scale (trained with the norm group, stored in the patch);
+    turning one task's up moves only that task's route, in single and mixed batches."""
+    model = _random_base("convnext_tiny")
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    net = DeltaNetwork(model)
+    for task in ("a", "b"):
+        net.add_task(task, 5, make_config("lowrank", {"budget_pct": 3.0}))
+    scales = {name: w for name, w in net._wrappers() if isinstance(w, TaskScale)}
+    blocks = [m for m in reference.modules() if hasattr(m, "layer_scale")]
+    assert len(scales) == len(blocks) == 18
+    own = {p for w in scales.values() for p in w.per_task["a"].parameters()}
+    assert own <= set(net.task_parameter_groups("a")["norm"]) and all(p.requires_grad for p in own)
+    assert all(not w.frozen.value.requires_grad for w in scales.values())
+    assert sum(k.endswith("layer_scale.value") for k in net.task_state_dict("a")) == 18
+    with torch.no_grad():
+        expected, b_before = reference(x), net.select("b")(x)
+        a_before = net.select("a")(x)
+        for w in scales.values():
+            w.per_task["a"].value.mul_(4.0)
+        a_after = net.select("a")(x)
+        assert not torch.allclose(a_after, a_before, atol=1e-4)
+        assert torch.equal(net.select("base")(x), expected)
+        assert torch.equal(net.select("b")(x), b_before)
+        mixed = net(x, tasks=["a", "base", "b", "a"])
+        torch.testing.assert_close(mixed[[0, 3], :5], a_after[[0, 3]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[[2], :5], b_before[[2]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[[1]], expected[[1]], rtol=1e-5, atol=1e-5)
+    state = net.task_state_dict("a")
+    net.remove_task("a")
+    net.add_task("a", 5, make_config("lowrank", {"budget_pct": 3.0}))
+    net.load_task_state_dict("a", state)
+    with torch.no_grad():
+        torch.testing.assert_close(net.select("a")(x), a_after, rtol=0, atol=0)
