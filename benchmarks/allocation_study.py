@@ -5,7 +5,7 @@ and seed for every variant; one JSON line per (task, seed, variant), resumable.
     python benchmarks/allocation_study.py PROJECT OUT.jsonl --tasks glyphs,shapes --seeds 0,1 \
         --variants uniform,proportional,importance
 
-`importance` runs a 1-epoch pilot patch (budget-sized, proportional ranks) to score every Δ layer
+`importance` runs a pilot patch (budget-sized; the recipe's step budget) to score every Δ layer
 (`deltapatch.delta.importance.layer_importance`), re-allocates the same budget with those weights,
 then trains the real patch from zero; its pilot time is reported apart (`pilot_s`).
 """
@@ -23,8 +23,8 @@ import torch
 
 from deltapatch.config import load_params, section
 from deltapatch.data.sources import builtin_task
-from deltapatch.delta.budget import allocate_ranks
-from deltapatch.delta.importance import layer_importance
+from deltapatch.delta.importance import with_importance_ranks
+from deltapatch.delta.kinds.lowrank import LowRankConfig
 from deltapatch.patching import DeltaSettings, open_session, train_patch
 from deltapatch.train import TrainSettings
 
@@ -53,18 +53,16 @@ def main(argv: list[str] | None = None) -> int:
                 run["seed"] = seed
                 if task in session.net.tasks:
                     session.net.remove_task(task)
-                pilot_s, weights = 0.0, None
-                if variant == "importance":
+                pilot_s = 0.0
+                run["delta"]["lowrank"] = {"allocation": variant}
+                if variant == "importance":  # the pilot apart, timed (train_patch would run the same call)
                     started = time.perf_counter()
                     torch.manual_seed(seed)
-                    weights = layer_importance(session.net, task, data, section(run, "train", TrainSettings),
-                                               session.norm, budget_pct=budget, seed=seed)
+                    config = with_importance_ranks(session.net, task, data, LowRankConfig(budget_pct=budget, allocation=variant),
+                                                   section(run, "train", TrainSettings), session.norm, seed=seed)
                     pilot_s = time.perf_counter() - started
-                    layout = session.net.patch_layout(data.num_classes)
-                    lowrank = {"ranks": allocate_ranks(layout.layers, layout.delta_budget(budget), "proportional", weights)}
-                else:
-                    lowrank = {"allocation": variant}
-                run["delta"]["lowrank"] = lowrank
+                    assert isinstance(config, LowRankConfig)
+                    run["delta"]["lowrank"] = {"allocation": variant, "ranks": config.ranks}
                 run["delta"]["budget_pct"] = budget  # the same budget for every variant, whatever the project sets
                 started = time.perf_counter()
                 result = train_patch(run, data, out_dir=args.out.parent / "patches" / f"{task}-{variant}-{seed}",
@@ -72,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"task": task, "seed": seed, "variant": variant, "patch_acc": result.metrics["patch_acc"],
                        "val_acc": result.metrics["val_acc"], "trainable_pct": result.metrics["trainable_pct"],
                        "train_s": time.perf_counter() - started, "pilot_s": pilot_s,
-                       "ranks": session.net.task_configs[task].ranks, "weights": weights}
-                print(json.dumps({k: v for k, v in row.items() if k not in ("ranks", "weights")}), flush=True)
+                       "ranks": session.net.task_configs[task].ranks}
+                print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
                 with args.out.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
     return 0

@@ -20,6 +20,8 @@ from deltapatch.config import section
 from deltapatch.data.dataset import TaskData
 from deltapatch.data.sources import base_eval_data
 from deltapatch.delta import DeltaNetwork, make_config
+from deltapatch.delta.importance import with_importance_ranks
+from deltapatch.delta.kinds.lowrank import IMPORTANCE, LowRankConfig
 from deltapatch.delta.patch import PatchMeta, patch_bytes, save_patch
 from deltapatch.evaluate import BaseCheck, base_check, pristine_logits
 from deltapatch.models.base import BaseModel, load_base
@@ -98,13 +100,14 @@ def budget_note(net: DeltaNetwork, task: str, num_classes: int) -> str:
     MobileNetV3-small, docs/benchmark.md), naming the budget from which every layer gets one."""
     config = net.task_configs[task]
     missing = config.layers_without_delta()
-    if not missing:
-        return ""
+    if not missing or (isinstance(config, LowRankConfig) and config.allocation == IMPORTANCE):
+        return ""  # importance chose which layers go without: that is the point of it
     layout = net.patch_layout(num_classes)
     return (f"delta.budget_pct {config.budget_pct:g} leaves {missing} of {len(layout.layers)} layers of this base "
             f"without a Δ (its norm layers and head alone take {100.0 * layout.fixed_params / layout.base_params:.2f} % "
-            f"of its parameters); accuracy suffers: set delta.budget_pct to at least "
-            f"{math.ceil(10.0 * layout.full_coverage_pct()) / 10.0:g} for a Δ on every layer")
+            f"of its parameters) and accuracy suffers: set delta.lowrank.allocation: importance (the budget goes to "
+            f"the layers that matter for the task) or delta.budget_pct to at least "
+            f"{math.ceil(10.0 * layout.full_coverage_pct()) / 10.0:g} (a Δ on every layer)")
 
 
 def patch_trainable(net: DeltaNetwork, task: str) -> Trainable:
@@ -132,7 +135,8 @@ def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: 
     net, task = session.net, data.name
     if task in net.tasks:
         net.remove_task(task)
-    config = make_config(kind, delta.options(kind))
+    config = with_importance_ranks(net, task, data, make_config(kind, delta.options(kind)), settings, session.norm,
+                                   seed=seed)
     net.add_task(task, data.num_classes, config)
     note = budget_note(net, task, data.num_classes)
     if note:

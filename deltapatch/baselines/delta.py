@@ -17,9 +17,10 @@ from deltapatch.baselines.base import Forward, Method, MethodSettings
 from deltapatch.config import section
 from deltapatch.data.dataset import TaskData
 from deltapatch.delta import BASE, DeltaNetwork, make_config
+from deltapatch.delta.importance import with_importance_ranks
 from deltapatch.delta.patch import PatchMeta, patch_bytes, save_patch
 from deltapatch.patching import DeltaSettings, patch_trainable
-from deltapatch.train import Trainable
+from deltapatch.train import Trainable, TrainSettings
 
 
 @dataclass
@@ -44,7 +45,11 @@ class DeltaMethod(Method):
         self.task = data.name
         # DeltaNetwork wraps in place: wrap a copy, so the shared pristine base stays unwrapped.
         self.net = DeltaNetwork(copy.deepcopy(self.context.base.model))
-        self.net.add_task(self.task, data.num_classes, make_config(self.kind, self.options()))
+        # `allocation: importance`: the pilot trains with params.yaml `train:` (not the bench's lr point)
+        config = with_importance_ranks(self.net, self.task, data, make_config(self.kind, self.options()),
+                                       section(self.context.params, "train", TrainSettings), self.context.norm,
+                                       seed=int(self.context.params.get("seed", 0)))
+        self.net.add_task(self.task, data.num_classes, config)
         self.class_names = data.class_names
         return patch_trainable(self.net, self.task)
 
@@ -63,7 +68,7 @@ class DeltaMethod(Method):
         base = self.context.base
         meta = PatchMeta(
             task=self.task, class_names=self.class_names, delta_kind=self.kind,
-            delta_config=make_config(self.kind, self.options()).to_dict(), base_arch=base.settings.arch,
+            delta_config=self.net.task_configs[self.task].to_dict(), base_arch=base.settings.arch,
             base_fingerprint=self.net.base_fingerprint, input_size=base.settings.input_size,
             mean=base.settings.mean, std=base.settings.std,
         )

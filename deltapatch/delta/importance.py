@@ -9,18 +9,26 @@ patch is then trained from zero with the re-allocated ranks. The cost is the pil
     weights = layer_importance(net, task, data, settings, norm, budget_pct=3.0)
     config = LowRankConfig(ranks=allocate_ranks(layout.layers, layout.delta_budget(3.0),
                                                 "proportional", weights))
+
+`delta.lowrank.allocation: importance` does exactly this through `with_importance_ranks`, which
+`deltapatch.patching.train_patch` and the bench call. The pilot runs the recipe's full step budget
+(`train.min_steps`), so a patch costs about twice its training. Measured: docs/benchmark.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from deltapatch.data.dataset import TaskData
-from deltapatch.delta.kinds.lowrank import LowRankConfig
+from deltapatch.delta.budget import allocate_ranks
+from deltapatch.delta.kinds import DeltaConfig
+from deltapatch.delta.kinds.lowrank import IMPORTANCE, LowRankConfig
 from deltapatch.delta.layers import DeltaWrapped
 from deltapatch.delta.network import DeltaNetwork
+from deltapatch.errors import DeltapatchError
 from deltapatch.train import Normalizer, Trainable, TrainSettings, fit
 
 BETA1 = 0.85  # PEFT AdaLoraConfig defaults: EMA of the sensitivity …
@@ -85,3 +93,18 @@ def layer_importance(net: DeltaNetwork, task: str, data: TaskData, settings: Tra
     logs = {name: math.log(max(score, floor)) for name, score in scores.items()}
     centre = sum(logs.values()) / len(logs)
     return {name: math.exp(value - centre) for name, value in logs.items()}
+
+
+def with_importance_ranks(net: DeltaNetwork, task: str, data: TaskData, config: DeltaConfig, settings: TrainSettings,
+                          norm: Normalizer, *, seed: int = 0) -> DeltaConfig:
+    """`config` with per-layer ranks allocated by importance when it asks for them
+    (`allocation: importance`, a budget, no explicit rank); any other config unchanged."""
+    if not (isinstance(config, LowRankConfig) and config.allocation == IMPORTANCE and not config.ranks
+            and config.rank is None):
+        return config
+    if config.budget_pct is None:
+        raise DeltapatchError("delta.lowrank.allocation 'importance' shares a budget: set delta.budget_pct (e.g. 3)")
+    weights = layer_importance(net, task, data, settings, norm, budget_pct=config.budget_pct, seed=seed)
+    layout = net.patch_layout(data.num_classes)
+    ranks = allocate_ranks(layout.layers, layout.delta_budget(config.budget_pct), "proportional", weights)
+    return dataclasses.replace(config, ranks=ranks)

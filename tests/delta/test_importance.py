@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from deltapatch.data.dataset import from_arrays
-from deltapatch.delta import DeltaNetwork
+from deltapatch.delta import DeltaNetwork, make_config
 from deltapatch.delta.budget import allocate_ranks
-from deltapatch.delta.importance import SensitivityMeter, layer_importance
+from deltapatch.delta.importance import SensitivityMeter, layer_importance, with_importance_ranks
+from deltapatch.delta.kinds.lowrank import LowRankConfig
+from deltapatch.errors import DeltapatchError
 from deltapatch.train import Normalizer, TrainSettings
 from tests.delta.conftest import random_base
 
@@ -27,12 +30,16 @@ def test_sensitivity_meter_scores_only_layers_that_got_gradients():
     assert meter.layer_scores() == scores
 
 
-def test_layer_importance_weights_every_layer_and_leaves_the_network_as_it_was():
+def _toy_data():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 12)
     images = rng.integers(0, 256, (36, 16, 16, 3), dtype=np.uint8)
     images[labels == 1, :8] = 255  # a learnable signal
-    data = from_arrays("toy", images, labels, ["a", "b", "c"], val=0.2, test=0.2, seed=0)
+    return from_arrays("toy", images, labels, ["a", "b", "c"], val=0.2, test=0.2, seed=0)
+
+
+def test_layer_importance_weights_every_layer_and_leaves_the_network_as_it_was():
+    data = _toy_data()
     net = DeltaNetwork(random_base())
     norm = Normalizer([0.5] * 3, [0.5] * 3, torch.device("cpu"))
     weights = layer_importance(net, "toy", data, TrainSettings(batch_size=8, lr=0.01), norm, budget_pct=3.0)
@@ -43,3 +50,24 @@ def test_layer_importance_weights_every_layer_and_leaves_the_network_as_it_was()
     assert max(weights.values()) / min(weights.values()) > 1.5  # layers really differ
     ranks = allocate_ranks(layout.layers, layout.delta_budget(3.0), "proportional", weights)
     assert sum(layer.lowrank_params(ranks[layer.name]) for layer in layout.layers) <= layout.delta_budget(3.0)
+
+
+def test_allocation_importance_is_resolved_by_a_pilot_and_refused_without_one():
+    """`delta.lowrank.allocation: importance`: with_importance_ranks gives ranks under the budget
+    that differ from uniform ones; a network cannot resolve it alone (it needs the task's data)."""
+    data = _toy_data()
+    net = DeltaNetwork(random_base())
+    norm = Normalizer([0.5] * 3, [0.5] * 3, torch.device("cpu"))
+    asked = make_config("lowrank", {"budget_pct": 3.0, "allocation": "importance"})
+    with pytest.raises(DeltapatchError, match="with_importance_ranks"):
+        net.add_task("toy", 3, asked)
+    config = with_importance_ranks(net, "toy", data, asked, TrainSettings(batch_size=8, lr=0.01), norm)
+    assert isinstance(config, LowRankConfig) and config.allocation == "importance" and net.tasks == []
+    net.add_task("toy", 3, config)
+    layout = net.patch_layout(3)
+    ranks = net.task_configs["toy"].ranks
+    assert sum(layer.lowrank_params(ranks[layer.name]) for layer in layout.layers) <= layout.delta_budget(3.0)
+    assert ranks != allocate_ranks(layout.layers, layout.delta_budget(3.0), "uniform")
+    assert net.task_configs["toy"].to_dict()["ranks"] == ranks  # what patch.json records
+    uniform = make_config("lowrank", {"budget_pct": 3.0})
+    assert with_importance_ranks(net, "toy", data, uniform, TrainSettings(), norm) is uniform  # no pilot

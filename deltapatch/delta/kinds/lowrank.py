@@ -29,6 +29,9 @@ from deltapatch.errors import DeltapatchError
 DEFAULT_RANK = 4  # a LowRankConfig() with neither a rank nor a budget (the Python API; params.yaml sets a budget)
 
 
+# Ranks weighted by each layer's AdaLoRA-style importance on the task (deltapatch/delta/importance.py).
+IMPORTANCE = "importance"
+
 @dataclass
 class LowRankConfig(DeltaConfig):
     """How the layers' ranks are chosen, most explicit first:
@@ -42,14 +45,15 @@ class LowRankConfig(DeltaConfig):
 
     kind = "lowrank"
     rank: int | None = None
-    allocation: str = "uniform"  # with budget_pct; measured against proportional and importance: docs/benchmark.md
+    allocation: str = "uniform"  # with budget_pct: ALLOCATIONS or "importance"; measured: docs/benchmark.md
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 0:
             raise ValueError(f"delta.lowrank.rank must be >= 1 (0: no Δ at all), got {self.rank}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"delta.lowrank.allocation must be one of {list(ALLOCATIONS)}, got '{self.allocation}'")
+        if self.allocation not in (*ALLOCATIONS, IMPORTANCE):
+            raise ValueError(f"delta.lowrank.allocation must be one of {[*ALLOCATIONS, IMPORTANCE]}, "
+                             f"got '{self.allocation}'")
         bad = {name: r for name, r in self.ranks.items() if not isinstance(r, int) or r < 0}
         if bad:
             raise ValueError(f"delta_config.ranks must be integers >= 0; got {dict(list(bad.items())[:3])}")
@@ -78,6 +82,12 @@ class LowRankConfig(DeltaConfig):
             return self  # `rank` on every layer (LowRankDelta caps it at the layer's full rank)
         if self.budget_pct is None:
             return dataclasses.replace(self, rank=DEFAULT_RANK)
+        if self.allocation == IMPORTANCE:
+            raise DeltapatchError(
+                "delta.lowrank.allocation 'importance' is measured on the task's data by a pilot training: "
+                "resolve the config with deltapatch.delta.importance.with_importance_ranks first "
+                "(deltapatch.patching.train_patch and the bench do)"
+            )
         ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), self.allocation)
         return dataclasses.replace(self, ranks=ranks)
 
