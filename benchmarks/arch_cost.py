@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from deltapatch.baselines.base import classifier_from, split_head
 from deltapatch.bench import paired_latency_ratio
 from deltapatch.config import load_params, section
+from deltapatch.data.sources import builtin_task
 from deltapatch.delta import DeltaNetwork, make_config
+from deltapatch.delta.importance import with_importance_ranks
 from deltapatch.models.base import load_base
 from deltapatch.patching import DeltaSettings
-
-NUM_CLASSES = 10
+from deltapatch.train import Normalizer, TrainSettings
 
 
 def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -42,17 +43,26 @@ def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
     return time.perf_counter() - started
 
 
-def measure(project: Path, steps: int, batch: int, warmup: int = 2) -> dict[str, object]:
+def measure(project: Path, steps: int, batch: int, warmup: int = 2, pilot_task: str = "glyphs") -> dict[str, object]:
+    """`pilot_task`: the built-in task whose pilot training sizes the ranks when the project asks for
+    `delta.lowrank.allocation: importance` (the same pilot as its bench ran, so the same ranks)."""
     params = load_params(project)
     base = load_base(params)
     delta = section(params, "delta", DeltaSettings)
     size = int(base.settings.input_size)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=generator)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
 
     net = DeltaNetwork(copy.deepcopy(base.model))
-    net.add_task("t", NUM_CLASSES, make_config(delta.kind, delta.options(delta.kind)))
+    config = make_config(delta.kind, delta.options(delta.kind))
+    data = builtin_task(params, pilot_task)
+    torch.manual_seed(int(params.get("seed", 0)))
+    config = with_importance_ranks(net, "t", data, config, section(params, "train", TrainSettings),
+                                   Normalizer(base.settings.mean, base.settings.std, torch.device("cpu")),
+                                   seed=int(params.get("seed", 0)))
+    num_classes = data.num_classes
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    y = torch.randint(0, num_classes, (batch,), generator=generator)
+    net.add_task("t", num_classes, config)
     net.select("t").train()
     trainable, total = net.parameter_counts("t")
     state = net.task_state_dict("t")
@@ -61,7 +71,7 @@ def measure(project: Path, steps: int, batch: int, warmup: int = 2) -> dict[str,
     full = copy.deepcopy(base.model)
     for param in full.parameters():
         param.requires_grad_(True)
-    full = classifier_from(full, NUM_CLASSES, base_head, torch.device("cpu")).train()
+    full = classifier_from(full, num_classes, base_head, torch.device("cpu")).train()
     runs = {"delta": (net, torch.optim.Adam(net.task_parameters("t"), lr=1e-3)),
             "full": (full, torch.optim.Adam(full.parameters(), lr=1e-3))}
     times: dict[str, list[float]] = {"delta": [], "full": []}

@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.arch_cost import measure
+from deltapatch.config import load_params, section
+from deltapatch.patching import DeltaSettings
 
 DELTA, FULL = "delta-lowrank", "full-ft"
 
@@ -28,12 +30,15 @@ def row_for(project: Path, bench_dir: str, steps: int, batch: int) -> dict[str, 
     bench = pd.read_csv(project / bench_dir / "bench.csv")
     delta = bench[bench.method == DELTA].set_index("task")
     full = bench[bench.method == FULL].set_index("task")
-    cost = measure(project, steps, batch)
+    cost = measure(project, steps, batch, pilot_task=str(delta.index[0]))
+    settings = section(load_params(project), "delta", DeltaSettings)
     base_acc = json.loads((project / "models" / "base.json").read_text()).get("metrics", {}).get("test_acc")
     gaps = {task: float(delta.patch_acc[task] - full.patch_acc[task]) for task in delta.index}
     return {
         "arch": cost["arch"],
         "base_test_acc": round(float(base_acc), 3) if base_acc is not None else "",
+        "budget_pct": settings.budget_pct,
+        "allocation": settings.lowrank.get("allocation", "uniform"),
         "trainable_pct": round(float(delta.trainable_pct.max()), 2),
         "patch_pct": round(float(delta.patch_pct.max()), 2),
         "layers_without_delta": cost["layers_without_delta"],
