@@ -114,7 +114,7 @@ def rebase_patches_flow(base_version: int, project: str | None = None, allow_par
     use_pool = train_on == "pool" or (train_on == "auto" and pool.pool_available(params, TRAIN_DEPLOYMENT))
     outcomes: list[rebase.RebaseOutcome] = []
     dirs: dict[str, list[Any]] = {}
-    pending: list[tuple[rebase.RebaseJob, float, Any]] = []
+    submitted: dict[Any, tuple[rebase.RebaseJob, float]] = {}  # pool future → (job, submission time)
 
     def finished(step: dict[str, Any]) -> None:
         nonlocal dirs
@@ -131,14 +131,14 @@ def rebase_patches_flow(base_version: int, project: str | None = None, allow_par
             folder = str(tasks_dir(params) / job.task)  # the training exports the data version when it changed
             t0 = time.perf_counter()
             if use_pool:  # all submitted at once: the pool runs as many as its concurrency allows
-                pending.append((job, t0, train_on_pool_task.submit(
-                    project, job.task, folder, job.data_version, job.manifest_sha256, epochs, base_version)))
+                future = train_on_pool_task.submit(
+                    project, job.task, folder, job.data_version, job.manifest_sha256, epochs, base_version)
+                submitted[future] = (job, t0)
                 continue
             trained = train_patch_flow(task_name=job.task, task_dir=folder, data_version=job.data_version,
                                        manifest_sha256=job.manifest_sha256, epochs=epochs, project=project,
                                        base_version=base_version)  # one `train-patch` sub-flow run per task
             finished(finish_task(project, base_version, job.task, job.as_dict(), trained, time.perf_counter() - t0, dirs))
-        submitted = {future: (job, t0) for job, t0, future in pending}
         # Gated and registered in the order the trainings end, so that only the last gate runs after
         # the last training (in submission order, the tasks that finished early waited for the slow
         # ones and were gated at the end: 1.27× the trainings' sum in the demo's upgrade).

@@ -208,9 +208,6 @@ class TaskScale(TaskRoutedModule):
             out[index] = self.scale(task).to(out.dtype)
         return out
 
-    def forward(self) -> torch.Tensor:
-        return self.value()
-
 
 def route_loose_parameter(owner: nn.Module, name: str, router: Router) -> TaskScale:
     """Move `owner.<name>` (a per-channel nn.Parameter) into a TaskScale registered under the same

@@ -40,11 +40,6 @@ def final_linear_name(model: nn.Module) -> str:
     return names[-1]
 
 
-def _is_wrapped_kind(module: nn.Module) -> bool:
-    """Conv/linear layers (Δ or head) and norm layers hold their own parameters in their wrapper."""
-    return isinstance(module, nn.Conv2d | nn.Linear) or is_task_norm(module)
-
-
 class DeltaNetwork(nn.Module):
     """Wraps `base_model` in place. Its parameters are frozen and never modified (except while a
     task is merged, and `unmerge` restores the very same tensors)."""
@@ -67,10 +62,6 @@ class DeltaNetwork(nn.Module):
 
     # ---------------------------------------------------------------- construction
     def _wrap(self, base_model: nn.Module) -> None:
-        loose = [(module, key) for module in base_model.modules() if not _is_wrapped_kind(module)
-                 for key, param in module._parameters.items() if param is not None and is_channel_vector(param)]
-        for owner, key in loose:  # before the layers: route_loose_parameter registers a child
-            route_loose_parameter(owner, key, self.router)
         for name, module in list(base_model.named_modules()):
             if name == self.head_name:
                 wrapper: nn.Module = TaskHeads(module, self.router)
@@ -78,7 +69,10 @@ class DeltaNetwork(nn.Module):
                 wrapper = DeltaWrapped(module, self.router)
             elif is_task_norm(module):
                 wrapper = TaskNorm(module, self.router)
-            else:
+            else:  # any other module: its own per-channel parameters (ConvNeXt's layer_scale) are routed
+                loose = [key for key, param in module._parameters.items() if param is not None and is_channel_vector(param)]
+                for key in loose:
+                    route_loose_parameter(module, key, self.router)
                 continue
             parent_name, _, child = name.rpartition(".")
             setattr(base_model.get_submodule(parent_name) if parent_name else base_model, child, wrapper)
