@@ -26,6 +26,11 @@ from deltapatch.patching import DeltaSettings
 DELTA, FULL = "delta-lowrank", "full-ft"
 
 
+def _allocation(asked: str, used: str) -> str:
+    """What params.yaml asks for, and what `auto` settled on for this base."""
+    return asked if asked == used or not used else f"{asked} → {used}"
+
+
 def row_for(project: Path, bench_dir: str, steps: int, batch: int) -> dict[str, object]:
     bench = pd.read_csv(project / bench_dir / "bench.csv")
     delta = bench[bench.method == DELTA].set_index("task")
@@ -38,7 +43,7 @@ def row_for(project: Path, bench_dir: str, steps: int, batch: int) -> dict[str, 
         "arch": cost["arch"],
         "base_test_acc": round(float(base_acc), 3) if base_acc is not None else "",
         "budget_pct": settings.budget_pct,
-        "allocation": settings.lowrank.get("allocation", "uniform"),
+        "allocation": _allocation(str(settings.lowrank.get("allocation", "uniform")), str(cost["allocation"])),
         "trainable_pct": round(float(delta.trainable_pct.max()), 2),
         "patch_pct": round(float(delta.patch_pct.max()), 2),
         "layers_without_delta": cost["layers_without_delta"],

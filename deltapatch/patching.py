@@ -101,11 +101,11 @@ def budget_note(net: DeltaNetwork, task: str, num_classes: int) -> str:
     config = net.task_configs[task]
     missing = config.layers_without_delta()
     if not missing or (isinstance(config, LowRankConfig) and config.allocation == IMPORTANCE):
-        return ""  # importance chose which layers go without: that is the point of it
+        return ""  # importance (asked, or chosen by auto) picked the layers that go without: that is the point of it
     layout = net.patch_layout(num_classes)
     return (f"delta.budget_pct {config.budget_pct:g} leaves {missing} of {len(layout.layers)} layers of this base "
             f"without a Δ (its norm layers and head alone take {100.0 * layout.fixed_params / layout.base_params:.2f} % "
-            f"of its parameters) and accuracy suffers: set delta.lowrank.allocation: importance (the budget goes to "
+            f"of its parameters) and accuracy suffers: set delta.lowrank.allocation: auto or importance (the budget goes to "
             f"the layers that matter for the task) or delta.budget_pct to at least "
             f"{math.ceil(10.0 * layout.full_coverage_pct()) / 10.0:g} (a Δ on every layer)")
 
@@ -136,7 +136,7 @@ def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: 
     if task in net.tasks:
         net.remove_task(task)
     config = with_importance_ranks(net, task, data, make_config(kind, delta.options(kind)), settings, session.norm,
-                                   seed=seed)
+                                   seed=seed, progress=progress)
     net.add_task(task, data.num_classes, config)
     note = budget_note(net, task, data.num_classes)
     if note:

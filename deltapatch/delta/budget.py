@@ -60,6 +60,11 @@ class LayerShape:
         return min(rank, self.max_rank) * (self.out_features + self.fan_in)
 
 
+def rank_one_cost(layers: Sequence[LayerShape]) -> int:
+    """Parameters of a rank-1 Δ on every layer: below this a budget leaves layers without a Δ."""
+    return sum(layer.lowrank_params(1) for layer in layers)
+
+
 @dataclass(frozen=True)
 class PatchLayout:
     """What one patch on a given base costs, in parameters, before its Δs are sized."""
@@ -80,7 +85,11 @@ class PatchLayout:
     def full_coverage_pct(self) -> float:
         """The smallest budget (% of the base) that pays for a rank-1 Δ on every layer: below it a
         thin network (norm layers and head a large share of its parameters) leaves layers without one."""
-        return 100.0 * (self.fixed_params + sum(s.lowrank_params(1) for s in self.layers)) / self.base_params
+        return 100.0 * (self.fixed_params + rank_one_cost(self.layers)) / self.base_params
+
+    def covers_every_layer(self, budget_pct: float) -> bool:
+        """Whether `budget_pct` pays for a Δ of rank ≥ 1 on every layer (allocate_ranks' own test)."""
+        return rank_one_cost(self.layers) <= self.delta_budget(budget_pct)
 
     def budget_params(self, budget_pct: float) -> int:
         return math.floor(budget_pct / 100.0 * self.base_params)
@@ -124,7 +133,7 @@ def allocate_ranks(layers: Sequence[LayerShape], budget: int, allocation: str = 
 
     if budget < 0:
         raise BudgetError(f"a Δ budget of {budget} parameters is negative")
-    min_rank = 1 if sum(s.lowrank_params(1) for s in layers) <= budget else 0
+    min_rank = 1 if rank_one_cost(layers) <= budget else 0
 
     def ranks_at(rho: float) -> dict[str, int]:
         return {s.name: max(min_rank, min(s.max_rank, math.floor(rho * shares[s.name]))) for s in layers}

@@ -11,13 +11,15 @@ patch is then trained from zero with the re-allocated ranks. The cost is the pil
                                                 "proportional", weights))
 
 `delta.lowrank.allocation: importance` does exactly this through `with_importance_ranks`, which
-`deltapatch.patching.train_patch` and the bench call. The pilot runs the recipe's full step budget
+`deltapatch.patching.train_patch` and the bench call; `auto` (the shipped default) does it only on a
+base where `uniform` would leave layers without a Δ (thin networks), and is `uniform` elsewhere. The pilot runs the recipe's full step budget
 (`train.min_steps`), so a patch costs about twice its training. Measured: docs/benchmark.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
@@ -25,11 +27,13 @@ import torch
 from deltapatch.data.dataset import TaskData
 from deltapatch.delta.budget import allocate_ranks
 from deltapatch.delta.kinds import DeltaConfig
-from deltapatch.delta.kinds.lowrank import IMPORTANCE, LowRankConfig
+from deltapatch.delta.kinds.lowrank import AUTO, IMPORTANCE, LowRankConfig
 from deltapatch.delta.layers import DeltaWrapped
 from deltapatch.delta.network import DeltaNetwork
 from deltapatch.errors import DeltapatchError
 from deltapatch.train import Normalizer, Trainable, TrainSettings, fit
+
+log = logging.getLogger(__name__)
 
 BETA1 = 0.85  # PEFT AdaLoraConfig defaults: EMA of the sensitivity …
 BETA2 = 0.85  # … and of its uncertainty
@@ -70,7 +74,7 @@ class SensitivityMeter:
 
 
 def layer_importance(net: DeltaNetwork, task: str, data: TaskData, settings: TrainSettings, norm: Normalizer, *,
-                     budget_pct: float, pilot_epochs: int = 1, seed: int = 0) -> dict[str, float]:
+                     budget_pct: float, pilot_epochs: int = 1, seed: int = 0, progress: bool = False) -> dict[str, float]:
     """Importance weight (geometric mean 1) of every Δ layer for `task`, from a pilot training.
 
     The pilot patch is added under `task` and removed again; `net` is left as it was.
@@ -83,7 +87,8 @@ def layer_importance(net: DeltaNetwork, task: str, data: TaskData, settings: Tra
         trainable = Trainable(net, net.task_parameters(task), lambda: net.task_state_dict(task),
                               lambda state: net.load_task_state_dict(task, state))
         try:
-            fit(trainable, data, settings, norm, seed=seed, epochs=pilot_epochs, progress=False)
+            fit(trainable, data, settings, norm, seed=seed, epochs=pilot_epochs, progress=progress,
+                desc=f"importance pilot {task}")
         finally:
             meter.close()
         scores = meter.layer_scores()
@@ -96,15 +101,26 @@ def layer_importance(net: DeltaNetwork, task: str, data: TaskData, settings: Tra
 
 
 def with_importance_ranks(net: DeltaNetwork, task: str, data: TaskData, config: DeltaConfig, settings: TrainSettings,
-                          norm: Normalizer, *, seed: int = 0) -> DeltaConfig:
-    """`config` with per-layer ranks allocated by importance when it asks for them
-    (`allocation: importance`, a budget, no explicit rank); any other config unchanged."""
-    if not (isinstance(config, LowRankConfig) and config.allocation == IMPORTANCE and not config.ranks
+                          norm: Normalizer, *, seed: int = 0, progress: bool = False) -> DeltaConfig:
+    """`config` with per-layer ranks allocated by importance when it asks for them (`allocation:
+    importance`, or `auto` on a base where uniform ranks would leave layers without a Δ; a budget,
+    no explicit rank); `auto` elsewhere becomes `uniform`; any other config unchanged."""
+    if not (isinstance(config, LowRankConfig) and config.allocation in (IMPORTANCE, AUTO) and not config.ranks
             and config.rank is None):
         return config
     if config.budget_pct is None:
+        if config.allocation == AUTO:
+            return config  # no budget: one default rank everywhere, nothing to allocate
         raise DeltapatchError("delta.lowrank.allocation 'importance' shares a budget: set delta.budget_pct (e.g. 3)")
-    weights = layer_importance(net, task, data, settings, norm, budget_pct=config.budget_pct, seed=seed)
     layout = net.patch_layout(data.num_classes)
+    settled = config.settle_allocation(layout)
+    if settled.allocation != IMPORTANCE:
+        return settled
+    if config.allocation == AUTO:
+        log.info("delta.lowrank.allocation auto: delta.budget_pct %g cannot give all %d layers of this base a Δ, so a "
+                 "pilot training sizes the ranks by importance (about twice the training time)",
+                 config.budget_pct, len(layout.layers))
+    weights = layer_importance(net, task, data, settings, norm, budget_pct=config.budget_pct, seed=seed,
+                               progress=progress)
     ranks = allocate_ranks(layout.layers, layout.delta_budget(config.budget_pct), "proportional", weights)
-    return dataclasses.replace(config, ranks=ranks)
+    return dataclasses.replace(settled, ranks=ranks)

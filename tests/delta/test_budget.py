@@ -151,7 +151,7 @@ def test_a_thin_base_under_the_default_budget_is_told_the_budget_that_covers_eve
     missing = net.task_configs["tight"].layers_without_delta()
     assert missing > 0
     note = budget_note(net, "tight", 10)
-    assert f"leaves {missing} of" in note and "allocation: importance" in note and "delta.budget_pct to at least" in note
+    assert f"leaves {missing} of" in note and "allocation: auto or importance" in note and "delta.budget_pct to at least" in note
     enough = float(note.rsplit("at least ", 1)[1].split()[0])
     assert enough == pytest.approx(net.patch_layout(10).full_coverage_pct(), abs=0.1)
     net.add_task("covered", 10, make_config("lowrank", {"budget_pct": enough}))

@@ -14,6 +14,7 @@ from deltapatch.delta.budget import allocate_ranks
 from deltapatch.delta.importance import SensitivityMeter, layer_importance, with_importance_ranks
 from deltapatch.delta.kinds.lowrank import LowRankConfig
 from deltapatch.errors import DeltapatchError
+from deltapatch.patching import budget_note
 from deltapatch.train import Normalizer, TrainSettings
 from tests.delta.conftest import random_base
 
@@ -71,3 +72,35 @@ def test_allocation_importance_is_resolved_by_a_pilot_and_refused_without_one():
     assert net.task_configs["toy"].to_dict()["ranks"] == ranks  # what patch.json records
     uniform = make_config("lowrank", {"budget_pct": 3.0})
     assert with_importance_ranks(net, "toy", data, uniform, TrainSettings(), norm) is uniform  # no pilot
+
+
+def test_auto_allocation_is_uniform_where_it_covers_every_layer_and_importance_where_it_cannot():
+    """The shipped `allocation: auto`: ResNet-18 at 3 % gets uniform ranks with no pilot (a network
+    resolves it alone); MobileNetV3-small at 3 %, where uniform would leave layers without a Δ,
+    gets importance ranks from a pilot, and no budget warning."""
+    data = _toy_data()
+    norm = Normalizer([0.5] * 3, [0.5] * 3, torch.device("cpu"))
+    settings = TrainSettings(batch_size=8, lr=0.01)
+    auto = make_config("lowrank", {"budget_pct": 3.0, "allocation": "auto"})
+
+    wide = DeltaNetwork(random_base())
+    layout = wide.patch_layout(3)
+    assert layout.covers_every_layer(3.0)
+    settled = with_importance_ranks(wide, "toy", data, auto, settings, norm)
+    assert isinstance(settled, LowRankConfig) and settled.allocation == "uniform" and not settled.ranks  # no pilot
+    wide.add_task("toy", 3, auto)
+    resolved = wide.task_configs["toy"]
+    assert isinstance(resolved, LowRankConfig) and resolved.allocation == "uniform"
+    assert resolved.ranks == allocate_ranks(layout.layers, layout.delta_budget(3.0), "uniform")
+
+    thin = DeltaNetwork(random_base("mobilenet_v3_small"))
+    thin_layout = thin.patch_layout(3)
+    assert not thin_layout.covers_every_layer(3.0)
+    with pytest.raises(DeltapatchError, match="'auto' needs importance ranks"):
+        thin.add_task("toy", 3, auto)
+    config = with_importance_ranks(thin, "toy", data, auto, settings, norm)
+    assert isinstance(config, LowRankConfig) and config.allocation == "importance" and thin.tasks == []
+    assert config.ranks != allocate_ranks(thin_layout.layers, thin_layout.delta_budget(3.0), "uniform")
+    thin.add_task("toy", 3, config)
+    assert thin.task_configs["toy"].to_dict()["allocation"] == "importance"  # patch.json says what ran
+    assert budget_note(thin, "toy", 3) == ""

@@ -31,6 +31,11 @@ DEFAULT_RANK = 4  # a LowRankConfig() with neither a rank nor a budget (the Pyth
 
 # Ranks weighted by each layer's AdaLoRA-style importance on the task (deltapatch/delta/importance.py).
 IMPORTANCE = "importance"
+# `uniform` where the budget pays for a Δ on every layer, `importance` where it does not: there
+# uniform leaves most layers of a thin network without a Δ and the patch is little more than a
+# BatchNorm patch (MobileNetV3-small at 3 %: −0.42 vs full-ft uniform, −0.01 importance; docs/benchmark.md).
+AUTO = "auto"
+ALLOCATION_CHOICES = (*ALLOCATIONS, IMPORTANCE, AUTO)
 
 @dataclass
 class LowRankConfig(DeltaConfig):
@@ -45,14 +50,14 @@ class LowRankConfig(DeltaConfig):
 
     kind = "lowrank"
     rank: int | None = None
-    allocation: str = "uniform"  # with budget_pct: ALLOCATIONS or "importance"; measured: docs/benchmark.md
+    allocation: str = "uniform"  # with budget_pct: one of ALLOCATION_CHOICES; measured: docs/benchmark.md
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 0:
             raise ValueError(f"delta.lowrank.rank must be >= 1 (0: no Δ at all), got {self.rank}")
-        if self.allocation not in (*ALLOCATIONS, IMPORTANCE):
-            raise ValueError(f"delta.lowrank.allocation must be one of {[*ALLOCATIONS, IMPORTANCE]}, "
+        if self.allocation not in ALLOCATION_CHOICES:
+            raise ValueError(f"delta.lowrank.allocation must be one of {list(ALLOCATION_CHOICES)}, "
                              f"got '{self.allocation}'")
         bad = {name: r for name, r in self.ranks.items() if not isinstance(r, int) or r < 0}
         if bad:
@@ -82,14 +87,23 @@ class LowRankConfig(DeltaConfig):
             return self  # `rank` on every layer (LowRankDelta caps it at the layer's full rank)
         if self.budget_pct is None:
             return dataclasses.replace(self, rank=DEFAULT_RANK)
-        if self.allocation == IMPORTANCE:
+        settled = self.settle_allocation(layout)
+        if settled.allocation == IMPORTANCE:
             raise DeltapatchError(
-                "delta.lowrank.allocation 'importance' is measured on the task's data by a pilot training: "
-                "resolve the config with deltapatch.delta.importance.with_importance_ranks first "
-                "(deltapatch.patching.train_patch and the bench do)"
+                f"delta.lowrank.allocation '{self.allocation}' needs importance ranks on this base, measured on the "
+                "task's data by a pilot training: resolve the config with "
+                "deltapatch.delta.importance.with_importance_ranks first (deltapatch.patching.train_patch and the bench do)"
             )
-        ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), self.allocation)
-        return dataclasses.replace(self, ranks=ranks)
+        ranks = allocate_ranks(layout.layers, layout.delta_budget(self.budget_pct), settled.allocation)
+        return dataclasses.replace(settled, ranks=ranks)
+
+    def settle_allocation(self, layout: PatchLayout) -> LowRankConfig:
+        """`auto` decided for this base: `uniform` when the budget gives every layer a Δ, else
+        `importance`. Any other allocation, or ranks already set, unchanged."""
+        if self.allocation != AUTO or self.ranks or self.rank is not None or self.budget_pct is None:
+            return self
+        covered = layout.covers_every_layer(self.budget_pct)
+        return dataclasses.replace(self, allocation="uniform" if covered else IMPORTANCE)
 
     def layers_without_delta(self) -> int:
         return sum(1 for r in self.ranks.values() if r == 0) if self.ranks else int(self.rank == 0)
