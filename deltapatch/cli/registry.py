@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,8 @@ def _predict_registered(params: dict[str, Any], task: str, version: int | None, 
     info = get_version(params, task, version=version, alias=alias)  # clear error when missing
     uri = model_uri(params, task, version=info["version"])
     try:
-        frame = mlflow.pyfunc.load_model(uri).predict(arrays)
+        with tempfile.TemporaryDirectory(prefix="deltapatch-predict-") as tmp:  # no download left behind
+            frame = mlflow.pyfunc.load_model(uri, dst_path=tmp).predict(arrays)
     except mlflow.exceptions.MlflowException as exc:
         raise RegistryError(f"{uri}: {str(exc).splitlines()[0]}") from None
     return [

@@ -22,6 +22,7 @@ missing type hints when the model is loaded (``deltapatch predict`` prints only 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,10 @@ class DeltaPatchModel(PythonModel):
             self.task = "base"
         else:
             uri = f"models:/{config['base_model']}/{config['base_version']}"
-            base_model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+            # The base's weights are in memory once loaded: its downloaded copy (~43 MB for
+            # ResNet-18) goes, instead of staying in a temporary folder per load.
+            with tempfile.TemporaryDirectory(prefix="deltapatch-base-") as tmp:
+                base_model = mlflow.pyfunc.load_model(uri, dst_path=tmp).unwrap_python_model()
             self.predictor = base_model.predictor
             self.task = config["task"]
         if expected and self.predictor.fingerprint != expected:
