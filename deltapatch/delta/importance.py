@@ -11,9 +11,10 @@ patch is then trained from zero with the re-allocated ranks. The cost is the pil
                                                 "proportional", weights))
 
 `delta.lowrank.allocation: importance` does exactly this through `with_importance_ranks`, which
-`deltapatch.patching.train_patch` and the bench call; `auto` (the shipped default) does it only on a
-base where `uniform` would leave layers without a Δ (thin networks), and is `uniform` elsewhere. The pilot runs the recipe's full step budget
-(`train.min_steps`), so a patch costs about twice its training. Measured: docs/benchmark.md.
+`deltapatch.patching.train_patch` and the bench call; `auto` (the shipped default) does it only on
+a base where `uniform` would leave layers without a Δ (thin networks), and is `uniform` elsewhere.
+The pilot runs the recipe's full step budget (`train.min_steps`), so a patch costs about twice its
+training. Measured: docs/benchmark.md.
 """
 
 from __future__ import annotations
