@@ -14,7 +14,7 @@ puts one rank on every layer instead of allocating).
     layout = net.patch_layout(num_classes=10)            # shapes + fixed costs of one patch
     ranks = allocate_ranks(layout.layers, layout.delta_budget(3.0), "uniform")
 
-`uniform` (the default) gives every layer the same rank, the largest that fits. A fixed rank costs
+`uniform` gives every layer the same rank, the largest that fits. A fixed rank costs
 far more, relatively, on thin layers (a rank-8 Δ on a 16→16 1×1 conv has as many parameters as the
 layer itself), so the budget, not the rank, is what carries across architectures; `proportional`
 gives every layer the same *fraction* of its own size instead (more rank to the wide late layers),

@@ -12,7 +12,7 @@ patch is then trained from zero with the re-allocated ranks. The cost is the pil
 
 `delta.lowrank.allocation: importance` does exactly this through `with_importance_ranks`, which
 `deltapatch.patching.train_patch` and the bench call; `auto` (the shipped default) does it only on
-a base where `uniform` would leave layers without a Δ (thin networks), and is `uniform` elsewhere.
+a base where the budget cannot give every layer a Δ (thin networks), and is `proportional` elsewhere.
 The pilot runs the recipe's full step budget (`train.min_steps`), so a patch costs about twice its
 training. Measured: docs/benchmark.md.
 """
@@ -104,8 +104,8 @@ def layer_importance(net: DeltaNetwork, task: str, data: TaskData, settings: Tra
 def with_importance_ranks(net: DeltaNetwork, task: str, data: TaskData, config: DeltaConfig, settings: TrainSettings,
                           norm: Normalizer, *, seed: int = 0, progress: bool = False) -> DeltaConfig:
     """`config` with per-layer ranks allocated by importance when it asks for them (`allocation:
-    importance`, or `auto` on a base where uniform ranks would leave layers without a Δ; a budget,
-    no explicit rank); `auto` elsewhere becomes `uniform`; any other config unchanged."""
+    importance`, or `auto` on a base where the budget cannot give every layer a Δ; a budget, no
+    explicit rank); `auto` elsewhere becomes `proportional`; any other config unchanged."""
     if not (isinstance(config, LowRankConfig) and config.allocation in (IMPORTANCE, AUTO) and not config.ranks
             and config.rank is None):
         return config

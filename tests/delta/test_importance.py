@@ -74,10 +74,10 @@ def test_allocation_importance_is_resolved_by_a_pilot_and_refused_without_one():
     assert with_importance_ranks(net, "toy", data, uniform, TrainSettings(), norm) is uniform  # no pilot
 
 
-def test_auto_allocation_is_uniform_where_it_covers_every_layer_and_importance_where_it_cannot():
-    """The shipped `allocation: auto`: ResNet-18 at 3 % gets uniform ranks with no pilot (a network
-    resolves it alone); MobileNetV3-small at 3 %, where uniform would leave layers without a Δ,
-    gets importance ranks from a pilot, and no budget warning."""
+def test_auto_allocation_is_proportional_where_it_covers_every_layer_and_importance_where_it_cannot():
+    """The shipped `allocation: auto`: ResNet-18 at 3 % gets proportional ranks with no pilot (a
+    network resolves it alone); MobileNetV3-small at 3 %, where the budget cannot give every layer
+    a Δ, gets importance ranks from a pilot, and no budget warning."""
     data = _toy_data()
     norm = Normalizer([0.5] * 3, [0.5] * 3, torch.device("cpu"))
     settings = TrainSettings(batch_size=8, lr=0.01)
@@ -87,11 +87,12 @@ def test_auto_allocation_is_uniform_where_it_covers_every_layer_and_importance_w
     layout = wide.patch_layout(3)
     assert layout.covers_every_layer(3.0)
     settled = with_importance_ranks(wide, "toy", data, auto, settings, norm)
-    assert isinstance(settled, LowRankConfig) and settled.allocation == "uniform" and not settled.ranks  # no pilot
+    assert isinstance(settled, LowRankConfig) and settled.allocation == "proportional" and not settled.ranks  # no pilot
     wide.add_task("toy", 3, auto)
     resolved = wide.task_configs["toy"]
-    assert isinstance(resolved, LowRankConfig) and resolved.allocation == "uniform"
-    assert resolved.ranks == allocate_ranks(layout.layers, layout.delta_budget(3.0), "uniform")
+    assert isinstance(resolved, LowRankConfig) and resolved.allocation == "proportional"
+    assert resolved.ranks == allocate_ranks(layout.layers, layout.delta_budget(3.0), "proportional")
+    assert resolved.ranks != allocate_ranks(layout.layers, layout.delta_budget(3.0), "uniform")
 
     thin = DeltaNetwork(random_base("mobilenet_v3_small"))
     thin_layout = thin.patch_layout(3)

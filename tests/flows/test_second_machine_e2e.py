@@ -142,11 +142,16 @@ def test_second_machine_trains_and_two_workers_share_the_pool(base_project: dict
 
         # The stack's machine serves the patch the other machine trained.
         image = next((tmp_path / "src" / remote_task).glob("*/*.png"))
-        env = {**{k: v for k, v in os.environ.items() if k not in FOREIGN}, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        predict_tmp = tmp_path / "predict-tmp"
+        predict_tmp.mkdir()
+        env = {**{k: v for k, v in os.environ.items() if k not in FOREIGN}, "MLFLOW_DISABLE_TELEMETRY": "true",
+               "TMPDIR": str(predict_tmp)}
         predicted = subprocess.run([*CLI, "predict", "--task", remote_task, "--json", str(image)], cwd=root, env=env,
                                    capture_output=True, text=True, timeout=300)
         assert predicted.returncode == 0, predicted.stderr[-2000:]
         assert json.loads(predicted.stdout)[0]["class"]
+        # The model and its base came through the server into temporary folders, and went with them.
+        assert sorted(p.name for p in predict_tmp.iterdir()) == []
         print(f"two arrivals, two workers: {wall:.0f} s wall; trainings "
               f"{[(r['labels'].get('prefect.worker.name'), r['start_time'], r['end_time']) for r in training]}")
     finally:

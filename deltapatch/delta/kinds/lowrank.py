@@ -31,9 +31,11 @@ DEFAULT_RANK = 4  # a LowRankConfig() with neither a rank nor a budget (the Pyth
 
 # Ranks weighted by each layer's AdaLoRA-style importance on the task (deltapatch/delta/importance.py).
 IMPORTANCE = "importance"
-# `uniform` where the budget pays for a Δ on every layer, `importance` where it does not: there
-# uniform leaves most layers of a thin network without a Δ and the patch is little more than a
-# BatchNorm patch (MobileNetV3-small at 3 %: −0.42 vs full-ft uniform, −0.01 importance; docs/benchmark.md).
+# `proportional` where the budget pays for a Δ on every layer, `importance` where it does not: there
+# the other allocations leave most layers of a thin network without a Δ and the patch is little more
+# than a BatchNorm patch. Measured (docs/benchmark.md, "Other architectures"): MobileNetV3-small at
+# 3 % −0.42 vs full-ft with uniform, −0.01 with importance; ConvNeXt-tiny at 3 % −0.056 uniform,
+# −0.022 proportional; ResNet-18 a tie (five built-in tasks × two seeds: 0.991 proportional, 0.992 uniform).
 AUTO = "auto"
 ALLOCATION_CHOICES = (*ALLOCATIONS, IMPORTANCE, AUTO)
 
@@ -98,12 +100,12 @@ class LowRankConfig(DeltaConfig):
         return dataclasses.replace(settled, ranks=ranks)
 
     def settle_allocation(self, layout: PatchLayout) -> LowRankConfig:
-        """`auto` decided for this base: `uniform` when the budget gives every layer a Δ, else
+        """`auto` decided for this base: `proportional` when the budget gives every layer a Δ, else
         `importance`. Any other allocation, or ranks already set, unchanged."""
         if self.allocation != AUTO or self.ranks or self.rank is not None or self.budget_pct is None:
             return self
         covered = layout.covers_every_layer(self.budget_pct)
-        return dataclasses.replace(self, allocation="uniform" if covered else IMPORTANCE)
+        return dataclasses.replace(self, allocation="proportional" if covered else IMPORTANCE)
 
     def layers_without_delta(self) -> int:
         return sum(1 for r in self.ranks.values() if r == 0) if self.ranks else int(self.rank == 0)
