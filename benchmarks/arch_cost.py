@@ -86,9 +86,11 @@ def measure(project: Path, steps: int, batch: int, warmup: int = 2, pilot_task: 
     net.merge("t")
     merged = paired_latency_ratio(net, reference, x, repeats=steps, warmup=warmup)
     net.unmerge()
-    ranks = getattr(net.task_configs["t"], "ranks", {})
+    config = net.task_configs["t"]
+    ranks = getattr(config, "ranks", {})
     return {
-        "arch": base.settings.arch, "allocation": getattr(net.task_configs["t"], "allocation", ""), "base_params": total, "trainable_pct": round(100 * trainable / total, 3),
+        "arch": base.settings.arch, "allocation": getattr(config, "allocation", ""), "base_params": total,
+        "trainable_pct": round(100 * trainable / total, 3),
         "stored_pct": round(100 * stored / total, 3),
         "ranks_min_median_max": "/".join(str(v) for v in (min(ranks.values()), int(statistics.median(ranks.values())),
                                                          max(ranks.values()))) if ranks else "",
