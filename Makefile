@@ -32,8 +32,11 @@ postgres:  ## PostgreSQL server binaries for the `stack.database: postgres` test
 demo: setup  ## the main job on the embedded default: stack up, patch every demo task, print results
 	$(BIN)/deltapatch demo --project .demo
 
-test: setup browser postgres  ## every test, the slower end-to-end ones included
-	$(BIN)/pytest -q
+# pytest-xdist workers (CI has 2 cores); tests that share a stack or a cluster run on one (xdist_group)
+TEST_WORKERS ?= 2
+
+test: setup browser postgres lint  ## lint, then every test, the slower end-to-end ones included
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup  ## unit tests only
 	$(BIN)/pytest -q -m "not e2e"

@@ -31,6 +31,20 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@localhost")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# `make test` runs two pytest-xdist workers on CI's two cores. One torch thread per worker (and per
+# process a worker starts: stack servers, flow runs and trainings inherit the variable) keeps the two
+# from oversubscribing the cores; torch reads it when first imported, which happens after this line.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest first: the end-to-end tests (real servers, minutes each) start before the unit tests, so
+    that two workers finish together instead of one waiting out the last stack test alone. The sort
+    is stable (same order on every worker, as xdist requires) and changes nothing without xdist."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
 
 def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for key, value in overrides.items():

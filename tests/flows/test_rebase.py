@@ -1,13 +1,15 @@
 """Base upgrades (issue 11) with a real Prefect API, the project's real MLflow sqlite registry and a real
 git + DVC project: the rebase-patches flow, its gates, crash + re-run, the serving swap and rollback.
 
-Two tiny tasks are trained (1 epoch) and promoted per test through the plain pipeline; the "new base"
+Two tiny tasks are trained (1 epoch) and promoted once for the module through the plain pipeline, and
+each test works on a copy of that project; the "new base"
 is the test base with its classifier bias nudged (another fingerprint, the same accuracy) or, for the
 refused upgrade, with its classifier zeroed (chance accuracy)."""
 
 from __future__ import annotations
 
 import base64
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,12 +17,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from deltapatch import pipeline
+from deltapatch.config import load_params
 from deltapatch.data.ingest import file_sha256
 from tests.flows.conftest import new_project, write_task
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness", "isolated_env")]
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness", "isolated_env"),
+              pytest.mark.xdist_group("rebase")]  # one worker builds the promoted project once
 
 TASKS = ("shapes", "glyphs")
 LENIENT = {"gate": {"min_patch_accuracy": 0.0, "base_upgrade_tolerance": 1.0, "rebase_tolerance": 1.0}}
@@ -34,13 +39,27 @@ def own_result_storage(tmp_path: Path) -> Any:
         yield
 
 
-def _project(base_project: dict[str, Any], tmp_path: Path, overrides: dict[str, Any] | None = None,
-             tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:
-    """A project whose tasks each have a promoted patch (1 epoch, 8 images per class)."""
-    params = new_project(base_project, tmp_path / "project", {**LENIENT, **(overrides or {})})
-    for task in tasks:
-        pipeline.run_pipeline(params, write_task(tmp_path / "src", task, per_class=8), task, epochs=1, progress=False)
-    return params
+@pytest.fixture(scope="module")
+def promoted_project(base_project: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose tasks each have a promoted patch (1 epoch, 8 images per class), made once for the
+    module; each test works on its own copy (the project is relocatable: relative DVC remote, a sqlite
+    registry whose `mlflow-artifacts:` URIs resolve beside it)."""
+    folder = tmp_path_factory.mktemp("rebase-template")
+    params = new_project(base_project, folder / "project", LENIENT)
+    for task in TASKS:
+        pipeline.run_pipeline(params, write_task(folder / "src", task, per_class=8), task, epochs=1, progress=False)
+    return Path(params["_root"])
+
+
+def _project(promoted: Path, tmp_path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of the module's promoted project, with `overrides` (section → keys) written to its params.yaml."""
+    root = tmp_path / "project"
+    shutil.copytree(promoted, root, symlinks=True)
+    content = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in (overrides or {}).items():
+        content.setdefault(section, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(content, sort_keys=False))
+    return load_params(root)
 
 
 def _new_base(params: dict[str, Any], out: Path, *, zero_classifier: bool = False) -> Path:
@@ -119,7 +138,7 @@ def _artifact(state: Any) -> str:
     return str(found[0].data)
 
 
-def test_upgrade_switches_once_trains_on_registered_data_and_rolls_back(base_project, tmp_path: Path) -> None:
+def test_upgrade_switches_once_trains_on_registered_data_and_rolls_back(promoted_project: Path, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from deltapatch import base_versions
@@ -127,7 +146,7 @@ def test_upgrade_switches_once_trains_on_registered_data_and_rolls_back(base_pro
     from deltapatch.registry import bases, registry
     from deltapatch.serve import create_app
 
-    params = _project(base_project, tmp_path)
+    params = _project(promoted_project, tmp_path)
     old = registry.champions(params)
     body = _body(_images(params))
     # glyphs is re-ingested (not retrained) after registration: its folder no longer holds the champion's data
@@ -189,12 +208,11 @@ def test_upgrade_switches_once_trains_on_registered_data_and_rolls_back(base_pro
         assert http.post("/predict", json=body).json()["results"] == before  # bit-identical: same base, same patches
 
 
-def test_worse_base_is_refused_and_nothing_is_trained(base_project, tmp_path: Path) -> None:
+def test_worse_base_is_refused_and_nothing_is_trained(promoted_project: Path, tmp_path: Path) -> None:
     from deltapatch import base_versions
     from deltapatch.registry import bases, registry
 
-    params = _project(base_project, tmp_path, {"gate": {"min_patch_accuracy": 0.0, "base_upgrade_tolerance": 0.0}},
-                      tasks=("shapes",))
+    params = _project(promoted_project, tmp_path, {"gate": {"min_patch_accuracy": 0.0, "base_upgrade_tolerance": 0.0}})
     new = base_versions.register_weights(params, _new_base(params, tmp_path / "in" / "bad.safetensors", zero_classifier=True))
     state = _flow(params, new.version)
     assert state.is_failed() and "base gate REFUSED" in state.message and "nothing was trained" in state.message
@@ -202,11 +220,11 @@ def test_worse_base_is_refused_and_nothing_is_trained(base_project, tmp_path: Pa
     assert bases.serving_set(params).base_version != new.version
 
 
-def test_failed_task_gate_blocks_the_switch_then_allow_partial(base_project, tmp_path: Path) -> None:
+def test_failed_task_gate_blocks_the_switch_then_allow_partial(promoted_project: Path, tmp_path: Path) -> None:
     from deltapatch.registry import bases, registry
     from deltapatch.registry.client import _client
 
-    params = _project(base_project, tmp_path, {"gate": {"min_patch_accuracy": 0.0, "base_upgrade_tolerance": 1.0,
+    params = _project(promoted_project, tmp_path, {"gate": {"min_patch_accuracy": 0.0, "base_upgrade_tolerance": 1.0,
                                                         "rebase_tolerance": 0.0}})
     old = registry.champions(params)
     # the shapes champion's registered accuracy is out of reach: its rebased patch fails rebase_accuracy
@@ -236,13 +254,13 @@ def test_failed_task_gate_blocks_the_switch_then_allow_partial(base_project, tmp
     assert {o["task"]: o["reused"] for o in state.result()["outcomes"]} == {"glyphs": True, "shapes": False}
 
 
-def test_crash_mid_fan_out_rerun_finishes_only_the_missing_tasks(base_project, tmp_path: Path,
+def test_crash_mid_fan_out_rerun_finishes_only_the_missing_tasks(promoted_project: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from deltapatch import base_versions
     from deltapatch.config import ConfigError
     from deltapatch.registry import bases, registry
 
-    params = _project(base_project, tmp_path)
+    params = _project(promoted_project, tmp_path)
     trained: list[str] = []
     real = pipeline.train_step
 
@@ -264,7 +282,7 @@ def test_crash_mid_fan_out_rerun_finishes_only_the_missing_tasks(base_project, t
     assert bases.serving_set(params).base_version == new.version
 
 
-def test_fan_out_on_the_gpu_pool(base_project, tmp_path: Path) -> None:
+def test_fan_out_on_the_gpu_pool(promoted_project: Path, tmp_path: Path) -> None:
     """Each task's training is a `train-patch/gpu` run picked up by a real `prefect worker` process, which
     fetches the new base from the registry (the worker's process does not have it)."""
     import os
@@ -279,7 +297,7 @@ def test_fan_out_on_the_gpu_pool(base_project, tmp_path: Path) -> None:
     from flows.rebase import rebase_patches_flow
     from tests.conftest import REPO_ROOT, kill_process_group
 
-    params = _project(base_project, tmp_path, {"faults": {"poll_seconds": 0.5, "queue_timeout_s": 600}})
+    params = _project(promoted_project, tmp_path, {"faults": {"poll_seconds": 0.5, "queue_timeout_s": 600}})
     ensure_pool("rebase-test", 2)
     deploy_training(params["_root"], "rebase-test")
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(tmp_path / "worker-home"),
