@@ -10,7 +10,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deltapatch.models.base import BaseModel, load_base, sidecar_path
-from deltapatch.registry.client import T_BASE_FP, T_KIND, T_REGISTRATION, _client, _lock, _wrap_errors
+from deltapatch.registry.client import (
+    T_BASE_FP,
+    T_KIND,
+    T_REGISTRATION,
+    _client,
+    _lock,
+    _wrap_errors,
+    model_versions,
+)
 from deltapatch.registry.model_versions import _create_version, _log_pyfunc
 from deltapatch.registry.tracking import experiment_id, registry_settings
 
@@ -18,9 +26,9 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 
-def _base_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+def _base_versions(client: MlflowClient, name: str, page_size: int = 1000) -> list[ModelVersion]:
     try:
-        return list(client.search_model_versions(f"name='{name}'"))
+        return model_versions(client, name, page_size)
     except MlflowException:
         return []
 
@@ -66,8 +74,8 @@ def register_base(params: dict[str, Any], base: BaseModel | None = None) -> int:
 def find_base_version(params: dict[str, Any], fingerprint: str, client: MlflowClient | None = None) -> int | None:
     """The registered base version with this fingerprint (complete registrations only), or None."""
     client = client or _client(params)
-    name = registry_settings(params).base_model_name
-    for mv in sorted(_base_versions(client, name), key=lambda m: int(m.version)):
+    settings = registry_settings(params)
+    for mv in sorted(_base_versions(client, settings.base_model_name, settings.page_size), key=lambda m: int(m.version)):
         tags = dict(mv.tags or {})
         if tags.get(T_BASE_FP) == fingerprint and tags.get(T_REGISTRATION) == "complete":
             return int(mv.version)

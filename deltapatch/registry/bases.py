@@ -30,10 +30,11 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from deltapatch.errors import RegistryError
-from deltapatch.registry.client import T_BASE_FP, T_REGISTRATION, _client, _wrap_errors
-from deltapatch.registry.reading import _aliases, _float, _version_info, champions, get_version
+from deltapatch.errors import RegistryError, TaskNameError
+from deltapatch.registry.client import T_BASE_FP, T_REGISTRATION, _client, _wrap_errors, model_versions
+from deltapatch.registry.reading import _aliases, _float, _version_info, _warn_once, champions, get_version
 from deltapatch.registry.tracking import registry_settings
+from deltapatch.task_names import validate_task_name
 
 # base version tags
 T_ARCH = "arch"
@@ -101,14 +102,30 @@ def base_model_name(params: dict[str, Any]) -> str:
     return registry_settings(params).base_model_name
 
 
+def _valid_tasks(mv: Any, tag: str, found: dict[str, Any]) -> dict[str, Any]:
+    """`found` (a release tag read from the registry) without the task names that break the naming
+    rule: skipped with one warning, like models with such names (reading.valid_registry_task)."""
+    out = {}
+    for task, value in found.items():
+        try:
+            out[validate_task_name(str(task))] = value
+        except TaskNameError as exc:
+            _warn_once(f"{mv.name} v{mv.version} {tag} {task!r}",
+                       f"ignoring task {task!r} in tag {tag} of {mv.name} version {mv.version}: {exc}")
+    return out
+
+
 def _to_base(mv: Any, champion: int | None) -> BaseVersion:
     tags = dict(mv.tags or {})
     switched = tags.get(T_SWITCHED_FROM, "")
+    release = _json(tags.get(T_RELEASE), {})
+    unavailable = _json(tags.get(T_UNAVAILABLE), {})
     return BaseVersion(
         version=int(mv.version), fingerprint=tags.get(T_BASE_FP, ""), arch=tags.get(T_ARCH, ""),
         base_acc=_float(tags.get(T_BASE_ACC)), in_service=int(mv.version) == champion,
-        release={t: int(v) for t, v in _json(tags.get(T_RELEASE), {}).items()},
-        unavailable=dict(_json(tags.get(T_UNAVAILABLE), {})), dvc_rev=tags.get(T_DVC_REV, ""),
+        release={t: int(v) for t, v in _valid_tasks(mv, T_RELEASE, release if isinstance(release, dict) else {}).items()},
+        unavailable=dict(_valid_tasks(mv, T_UNAVAILABLE, unavailable if isinstance(unavailable, dict) else {})),
+        dvc_rev=tags.get(T_DVC_REV, ""),
         created=_version_info("base", mv, {})["created"],
         switched_from=int(switched) if switched.isdigit() else None, tags=tags,
     )
@@ -128,7 +145,7 @@ def list_bases(params: dict[str, Any]) -> list[BaseVersion]:
     client = _client(params)
     champion = _champion_version(client, params)
     try:
-        versions = client.search_model_versions(f"name='{base_model_name(params)}'")
+        versions = model_versions(client, base_model_name(params), registry_settings(params).page_size)
     except MlflowException:
         return []
     rows = [_to_base(mv, champion) for mv in versions if (mv.tags or {}).get(T_REGISTRATION) == "complete"]

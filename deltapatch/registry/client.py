@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
@@ -18,6 +18,9 @@ from mlflow.tracking import MlflowClient
 from deltapatch.config import state_dir
 from deltapatch.errors import DeltapatchError, RegistryError, RegistryUnreachable
 from deltapatch.registry.tracking import RegistrySettings, _first_line, configure
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,6 +72,41 @@ def _unreachable(exc: Exception) -> bool:
     text = str(exc)
     return text.startswith("API request to") and ("failed with exception" in text or "timeout" in text
                                                    or re.search(r"failed with error code 5\d\d", text) is not None)
+
+
+def registered_models(client: MlflowClient, prefix: str, page_size: int = 1000) -> Iterator[RegisteredModel]:
+    """Every registered model whose name starts with `prefix` (all of them for ''), read page by page
+    (`page_size` per request, registry.page_size; following ``page_token`` until the last page).
+
+    MLflow answers at most one page per call (100 by default, 1000 at most): a reader that takes one
+    page sees only part of a larger registry, and serving would unload the tasks it misses. The server
+    filters on ``name LIKE '<prefix>%'`` (the prefix cut before any character that LIKE or the filter
+    syntax treats specially, so the filter may only let more through), and the exact prefix is
+    checked here again."""
+    literal = re.split(r"[%_'\"\\]", prefix, maxsplit=1)[0]
+    filter_string = f"name LIKE '{literal}%'" if literal else None
+    token: str | None = None
+    while True:
+        page = client.search_registered_models(filter_string=filter_string, max_results=page_size, page_token=token)
+        yield from (rm for rm in page if rm.name.startswith(prefix))
+        token = page.token
+        if not token:
+            return
+
+
+def model_versions(client: MlflowClient, name: str, page_size: int = 1000) -> list[ModelVersion]:
+    """Every version of registered model `name`, read page by page (see :func:`registered_models`)."""
+    if "'" in name and '"' in name:
+        raise RegistryError(f"registered model name {name!r} holds both quote characters; it cannot be searched")
+    quote = '"' if "'" in name else "'"
+    out: list[ModelVersion] = []
+    token: str | None = None
+    while True:
+        page = client.search_model_versions(f"name={quote}{name}{quote}", max_results=page_size, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
 
 
 def _client(params: dict[str, Any]) -> MlflowClient:

@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from deltapatch.errors import RegistryError
 from deltapatch.registry import store
+from deltapatch.registry.client import model_versions, registered_models
 
 # (table, key column, URI column) of every MLflow 3 column that records an artifact location
 URI_COLUMNS = (("experiments", "experiment_id", "artifact_location"), ("runs", "run_uuid", "artifact_uri"),
@@ -175,8 +176,8 @@ def _merge(parked: Path, main: store.ProjectStore, report: MigrationReport) -> N
     merger = _Merger(MlflowClient(source_uri, source_uri), MlflowClient(main.uri, main.uri), source_uri, main.uri, report)
     merger.copy_runs()
     report.add(f"copied {len(merger.runs)} run(s) with their params, metrics, tags and artifacts")
-    versions = {m.name: merger.src.search_model_versions(f"name='{m.name}'")
-                for m in merger.src.search_registered_models(max_results=1000)}
+    # Every model of the old store, every page (not only the <prefix> ones: a migration loses nothing).
+    versions = {m.name: model_versions(merger.src, m.name) for m in registered_models(merger.src, "")}
     is_base = {name: any((mv.tags or {}).get("kind") == "base" for mv in found) for name, found in versions.items()}
     for name in sorted(versions, key=lambda n: (not is_base[n], n)):  # bases first: patches refer to them
         mapping = merger.copy_model(name, versions[name], is_base[name])
@@ -239,7 +240,7 @@ class _Merger:
         """Copy every version of registered model `name`; returns old version → new version."""
 
         try:
-            existing = self.dst.search_model_versions(f"name='{name}'")
+            existing = model_versions(self.dst, name)
         except MlflowException:
             existing = []
         try:

@@ -60,7 +60,9 @@ class DeltaPatchModel(PythonModel):
                 f"{self.predictor.fingerprint[:19]}…; refused"
             )
         if self.kind != "base":
-            self.predictor.add_patch(Path(context.artifacts["patch"]), version=str(config.get("version", "")))
+            # The task this version is registered for: a patch.json naming another task is refused.
+            self.predictor.add_patch(Path(context.artifacts["patch"]), version=str(config.get("version", "")),
+                                     task=self.task)
 
     def predict(self, context: PythonModelContext, model_input: np.ndarray,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:

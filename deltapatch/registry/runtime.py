@@ -19,7 +19,7 @@ import torch
 from deltapatch.data.images import DEFAULT_MAX_PIXELS, encode_png, load_pixels, read_image_files
 from deltapatch.delta import DeltaNetwork
 from deltapatch.delta.patch import PatchMeta, load_patch, read_patch_meta
-from deltapatch.errors import DeltapatchError, FingerprintMismatch
+from deltapatch.errors import DeltapatchError, FingerprintMismatch, RegistryError
 from deltapatch.models.base import BaseModel, load_base, sidecar_path
 from deltapatch.train import Normalizer
 
@@ -71,11 +71,23 @@ class Predictor:
     def tasks(self) -> list[str]:
         return [BASE, *self.patches]
 
-    def add_patch(self, patch_dir: Path, version: str = "", info: dict[str, Any] | None = None) -> LoadedPatch:
+    def add_patch(self, patch_dir: Path, version: str = "", info: dict[str, Any] | None = None,
+                  task: str | None = None) -> LoadedPatch:
         """Load (or replace) the patch in `patch_dir`. It is swapped in only once it loaded completely:
         a patch for another base, unreadable files or tensors that do not fit raise, and the version
-        of that task loaded before (if any) keeps serving, restored from memory."""
+        of that task loaded before (if any) keeps serving, restored from memory.
+
+        `task` (else `info["task"]`, the task of the registered model the version came from) is the
+        task the caller means to load: a patch.json naming another task is refused (RegistryError
+        naming both) before anything is touched, since it would replace that other task's patch."""
         meta = read_patch_meta(patch_dir)
+        expected = task if task is not None else (info or {}).get("task")
+        if expected and expected != meta.task:
+            where = f" ({info['model_name']})" if info and info.get("model_name") else ""
+            raise RegistryError(
+                f"version {version or '?'}{where} is registered for task '{expected}', but its patch.json names "
+                f"task '{meta.task}'; refused (it would replace the patch of '{meta.task}')"
+            )
         if meta.base_fingerprint != self.fingerprint:
             raise FingerprintMismatch(
                 f"patch '{meta.task}' version {version or '?'} was trained on base {meta.base_fingerprint[:19]}…, "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltapatch.config import section, state_dir
+from deltapatch.config import ConfigError, section, state_dir
 from deltapatch.errors import RegistryError, RegistryUnreachable
 from deltapatch.registry import store
 
@@ -44,6 +44,11 @@ class RegistrySettings:
     retry_delay_s: float = 1.0
     http_timeout_s: int = 20
     lock_timeout_s: float = 120.0
+    page_size: int = 1000  # registry listings are read page by page, this many per request (MLflow's max: 1000)
+
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.page_size) <= 1000:
+            raise ConfigError(f"params.yaml: registry.page_size must be 1-1000 (MLflow's limit), got {self.page_size!r}")
 
     def model_name(self, task: str) -> str:
         return f"{self.model_prefix}{task}"
