@@ -8,6 +8,11 @@ Layout, in ``stack.postgres_dir`` (default ``.deltapatch/stack/postgres/``):
   through ``PGPASSFILE`` (asyncpg and psycopg2 both read it), so the password never appears in a URL,
   a command line or ``stack.json``.
 
+The folder must be new, empty or such a cluster: a folder holding anything else (say
+``stack.postgres_dir`` pointed at the project, whose ``data/`` is the datasets) is refused, never
+cleared (:func:`check_folder`). Only a ``data/`` that deltapatch's own interrupted ``initdb`` left
+(marked by ``initdb-in-progress``) is removed before trying again.
+
 The server listens on ``stack.host`` (loopback by default) and ``stack.postgres_port`` only, with
 no Unix socket (a socket path under a deep project folder can exceed the 107-byte limit). Authentication
 is scram-sha-256 for every connection.
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltapatch.config import resolve_path, state_dir
+from deltapatch.config import ConfigError, resolve_path, state_dir
 from deltapatch.errors import DeltapatchError
 
 USER = "deltapatch"  # the cluster's superuser, created by initdb
@@ -43,6 +48,11 @@ DATABASES = ("prefect", "mlflow")
 SYSTEM_USER = "postgres"  # who runs the server when deltapatch runs as root
 PASSFILE = "pgpass"
 DATA = "data"
+# Written before initdb runs and removed once it succeeded: a `data/` beside it is a half-made cluster
+# of ours (interrupted initdb), which may be removed; any other non-cluster content is the user's.
+INITDB_MARKER = "initdb-in-progress"
+INITDB_SECRET = "initdb-password"
+OWN_FILES = frozenset({PASSFILE, PASSFILE + ".tmp", INITDB_MARKER, INITDB_SECRET})
 # Fast shutdown first (ends sessions, flushes, exits cleanly), immediate shutdown if that hangs.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 INSTALL_HINT = ("install PostgreSQL (Debian/Ubuntu: `apt-get install postgresql`; `make test` does it), or "
@@ -162,8 +172,35 @@ def check_reachable(folder: Path) -> None:
 # ------------------------------------------------------------------------------------- lifecycle
 
 
+def check_folder(c: Cluster) -> None:
+    """Refuse a cluster folder that is not new, empty, a cluster, or a cluster of ours that initdb
+    left half-made: its content belongs to someone else (never delete user files)."""
+    if c.initialised or not c.folder.exists():
+        return
+    if not c.folder.is_dir():
+        raise ConfigError(f"stack.postgres_dir: {c.folder} is not a folder",
+                          hint="set stack.postgres_dir in params.yaml to a new or empty folder, or leave it empty "
+                               "for the default .deltapatch/stack/postgres")
+    ours = set(OWN_FILES)
+    if (c.folder / INITDB_MARKER).is_file() or (c.data.is_dir() and not any(c.data.iterdir())):
+        ours.add(DATA)  # a half-made cluster of ours (interrupted initdb), or an empty folder
+    foreign = sorted(entry.name for entry in c.folder.iterdir() if entry.name not in ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" … and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"stack.postgres_dir: {c.folder} is not empty and holds no PostgreSQL cluster ({c.data / 'PG_VERSION'} "
+            f"is missing); it holds {shown}. deltapatch creates its cluster in {c.data} and will not delete or "
+            "mix with files it did not make",
+            hint="set stack.postgres_dir in params.yaml to a new or empty folder (or leave it empty for the default "
+                 ".deltapatch/stack/postgres)")
+
+
 def prepare(c: Cluster) -> bool:
-    """Create the cluster once (``initdb`` with a generated password); True when it was created now."""
+    """Create the cluster once (``initdb`` with a generated password); True when it was created now.
+
+    A folder holding anything but a cluster (or our own half-made one) is refused first, untouched
+    (:func:`check_folder`)."""
+    check_folder(c)
     binaries = bin_dir()
     _driver()  # before initdb: a cluster nobody can log in to is no use
     check_reachable(c.folder)
@@ -177,11 +214,13 @@ def prepare(c: Cluster) -> bool:
     runner = _as_server_user()
     c.folder.mkdir(parents=True, exist_ok=True)
     c.folder.chmod(0o711)  # enterable by the server's user, not listable
-    if c.data.exists():
-        shutil.rmtree(c.data)  # a half-made cluster from an interrupted initdb (no PG_VERSION)
+    marker = c.folder / INITDB_MARKER
+    if c.data.exists():  # check_folder allowed it: ours, from an interrupted initdb (no PG_VERSION), or empty
+        shutil.rmtree(c.data)
+    marker.write_text("initdb of this cluster started; a data/ folder beside this file is half-made\n")
     c.data.mkdir(mode=0o700)
     password = secrets.token_urlsafe(24)
-    secret = c.folder / "initdb-password"  # read by initdb only, then removed
+    secret = c.folder / INITDB_SECRET  # read by initdb only, then removed
     secret.write_text(password + "\n")
     secret.chmod(0o600)
     if runner:
@@ -196,8 +235,10 @@ def prepare(c: Cluster) -> bool:
         secret.unlink(missing_ok=True)
     if proc.returncode != 0:
         shutil.rmtree(c.data, ignore_errors=True)
+        marker.unlink(missing_ok=True)
         raise PostgresError(f"initdb failed for {c.data}: {(proc.stderr or proc.stdout).strip()[-600:]}")
     _write_passfile(c, password)
+    marker.unlink()
     return True
 
 

@@ -3,6 +3,7 @@ data.dvc and git untouched; good inputs are normalised, split and versioned (rea
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import stat
@@ -427,3 +428,60 @@ def test_archive_expanding_beyond_limit(project, state, make_dataset, tmp_path):
     reject(
         small, state, tmp_path / "zipbomb.zip", "above data.max_extract_mb=1 in params.yaml (archive bomb?)"
     )
+
+
+def with_data(project, **data):
+    """`project` with some `data:` settings changed (a smaller budget keeps hostile archives small)."""
+    return dict(project, data=dict(project["data"], **data))
+
+
+def empty_members(prefix: str, count: int) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    return [(tarfile.TarInfo(f"{prefix}/a/empty{i}.txt"), b"") for i in range(count)]
+
+
+def test_tar_with_too_many_members(project, state, make_dataset, tmp_path):
+    # 51 empty files pass the byte budget, not the member count (a million of them: inodes, time)
+    archive = tar_with(tmp_path / "many.tar.gz", make_dataset("many"), empty_members("many", 51))
+    exc = reject(with_data(project, max_extract_members=50), state, archive,
+                 "holds more than 50 members, above data.max_extract_members=50 in params.yaml")
+    assert str(archive) in str(exc) and "raise the limit" in str(exc)
+
+
+def test_zip_with_too_many_members(project, state, make_dataset, tmp_path):
+    extra = [(zipfile.ZipInfo(f"zmany/a/empty{i}/"), b"") for i in range(51)]
+    archive = zip_of(tmp_path / "zmany.zip", make_dataset("zmany"), extra)  # 12 images + 51 empty folders
+    reject(with_data(project, max_extract_members=50), state, archive,
+           "holds 63 members, above data.max_extract_members=50 in params.yaml")
+
+
+def test_tar_gz_bomb_is_refused_before_it_is_decompressed(project, state, make_dataset, tmp_path):
+    """A member header declaring 64 MiB (budget: 1 MiB) is refused at that header, while streaming.
+
+    Only 256 KiB of the declared data follow, then the stream ends: a reader that decompresses the
+    archive in full before checking (tarfile's getmembers() on a .tar.gz) hits the end of the data
+    ("unexpected end of data") instead, so the budget message proves the data was never read through.
+    """
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        tf.add(make_dataset("gzbomb"), arcname="gzbomb")
+        end = tf.offset  # where the end-of-archive blocks go: the bomb goes there instead
+    bomb = tarfile.TarInfo("gzbomb/a/zeros.png")
+    bomb.size = 64 * 2**20
+    body = raw.getvalue()[:end] + bomb.tobuf() + b"\0" * (256 * 2**10)
+    archive = tmp_path / "gzbomb.tar.gz"
+    archive.write_bytes(gzip.compress(body))
+    exc = reject(with_data(project, max_extract_mb=1), state, archive,
+                 "above data.max_extract_mb=1 in params.yaml (archive bomb?), refused at member "
+                 "gzbomb/a/zeros.png before reading on")
+    assert "unexpected end of data" not in str(exc)
+
+
+def test_tar_gz_extended_header_bomb(project, state, make_dataset, tmp_path):
+    """Bytes that no member's size declares (here a 2 MiB pax header, which tarfile reads into memory)
+    count against the budget too, as they are decompressed."""
+    note = tarfile.TarInfo("paxbomb/a/note.txt")
+    note.pax_headers = {"comment": "x" * (2 * 2**20)}
+    archive = tar_with(tmp_path / "paxbomb.tar.gz", make_dataset("paxbomb"), [(note, b"x")])
+    exc = reject(with_data(project, max_extract_mb=1), state, archive,
+                 "MiB (data.max_extract_mb=1 in params.yaml plus tar headers; archive bomb?)")
+    assert "the archive decompresses to more than" in str(exc)

@@ -36,6 +36,8 @@ class DataSettings:
     max_bad_fraction: above this fraction of unreadable/truncated/fake files the task is rejected.
     max_image_pixels: width × height above which an image is treated as a decompression bomb.
     max_extract_mb: total uncompressed size an archive may declare (archive bombs).
+    max_extract_members: most members (files and folders) an archive may hold (millions of empty
+        files pass the size budget but still exhaust inodes and time).
     dvc_remote: default DVC remote set up when the repository has none (a local folder relative to
         the project root, or any URL DVC understands); empty/null for none.
     """
@@ -49,6 +51,7 @@ class DataSettings:
     max_bad_fraction: float = 0.1
     max_image_pixels: int = 16_000_000
     max_extract_mb: int = 2048
+    max_extract_members: int = 200_000
     dvc_remote: str | None = ".deltapatch/dvc-remote"
 
 
@@ -100,8 +103,9 @@ def data_settings(params: dict[str, Any]) -> DataSettings:
         problems.append(f"min_images_per_class={settings.min_images_per_class} (must be ≥ 1)")
     if not 0 <= settings.max_bad_fraction < 1:
         problems.append(f"max_bad_fraction={settings.max_bad_fraction} (must be in [0, 1))")
-    if int(settings.max_image_pixels) < 1 or int(settings.max_extract_mb) < 1:
-        problems.append("max_image_pixels and max_extract_mb must be positive")
+    limits = (settings.max_image_pixels, settings.max_extract_mb, settings.max_extract_members)
+    if any(int(limit) < 1 for limit in limits):
+        problems.append("max_image_pixels, max_extract_mb and max_extract_members must be positive")
     if problems:
         raise ConfigError("params.yaml: invalid data settings: " + "; ".join(problems))
     return settings
