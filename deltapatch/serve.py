@@ -1,7 +1,8 @@
 """`deltapatch serve`: one HTTP service for the base model and every `champion` patch.
 
     GET  /health   → {"status": "ok", "base_fingerprint", "tasks": {task: version}, "registry_error",
-                      "limits": {...}}                                   (always open, no token)
+                      "limits": {...}}    (always open; with a token configured, a request without it
+                                           gets only {"status": "ok", "auth": true})
     GET  /tasks    → {"base": {...}, task: {"version", "classes", "patch_acc", "data_version"}, ...,
                       "refused": {task: reason}, "unavailable": {task: reason}}
                    (unavailable: tasks with no patch for the base in service, e.g. after
@@ -15,17 +16,29 @@
 Bad input never reaches the model and never gets a 5xx (params.yaml ``serve:``, docs/serving.md):
 
 - a body above ``serve.max_body_bytes`` → 413, refused from Content-Length before it is read, or
-  as soon as the streamed body passes the limit; more than ``serve.max_items`` items → 413;
+  as soon as the streamed body passes the limit; more than ``serve.max_items`` items → 413, also
+  while the body streams, from a count of its '{', '[' and ',' bytes (read_body: an upper bound on the
+  JSON values, so parsing never builds more than a few hundred); a body not received within
+  ``serve.read_timeout`` → 408;
 - invalid JSON or fields → 422; an unknown task → 404 naming the served ones;
 - an item whose image is not base64, not an allowed format, unreadable, or above
   ``serve.max_image_pixels`` (read from the header, before decoding: decompression bombs) → 422
-  naming the item (``items[3].image``) and the limit. Images are decoded by the one image pipeline
-  (deltapatch/data/images.py), in a pool of ``serve.decode_threads`` threads shared by all requests,
-  which also bounds the memory spent on decoding.
+  naming the item (``items[3].image``) and the limit; the images of one request holding more than
+  ``serve.max_request_pixels`` in all (headers again, nothing decoded) → 413. Images are decoded by
+  the one image pipeline (deltapatch/data/images.py), in a pool of ``serve.decode_threads`` threads
+  shared by all requests, which also bounds the memory spent on decoding.
+- more than ``serve.max_inflight`` /predict requests at once, or ``serve.max_queue`` requests already
+  waiting for a forward → 503 with ``Retry-After``. uvicorn (`run`) adds ``serve.limit_concurrency``,
+  ``serve.timeout_keep_alive``, ``serve.max_header_bytes`` and a ``serve.read_timeout`` deadline on
+  each request head (GuardedH11Protocol).
+
+Every route is behind RequestGuard: a Host header that is not an IP address, localhost, the bound host
+or a ``serve.allowed_hosts`` name → 421 (DNS rebinding), and POST without ``Content-Type:
+application/json`` → 415 (what a cross-site page can send without a CORS preflight is refused).
 
 With a token (``DELTAPATCH_SERVE_TOKEN`` or ``serve.token``), /predict, /reload and /tasks need
-``Authorization: Bearer <token>`` (401 otherwise); a non-loopback ``--host`` refuses to start
-without one.
+``Authorization: Bearer <token>`` (401 otherwise), whatever the bound host; a non-loopback ``--host``
+refuses to start without one.
 
 Hot reload is safe: a task whose `champion` alias moves is downloaded into a fresh folder and swapped
 in only once it loaded. A base switch (`deltapatch base upgrade|rollback`) builds the new base and all
@@ -41,30 +54,36 @@ import base64
 import binascii
 import contextlib
 import hmac
+import io
 import ipaddress
+import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import numpy as np
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from deltapatch.base_versions import serving_base_params
-from deltapatch.batching import ForwardBatcher
+from deltapatch.batching import ForwardBatcher, QueueFull
 from deltapatch.config import ConfigError, section
-from deltapatch.data.images import FORMAT_NAMES, ImageError, ImageTooLarge, load_pixels
+from deltapatch.data.images import ALLOWED_FORMATS, FORMAT_NAMES, ImageError, ImageTooLarge, load_pixels
 from deltapatch.errors import DeltapatchError
 from deltapatch.models.base import load_base
 from deltapatch.registry.bases import ServingSet, serving_set
@@ -87,18 +106,32 @@ class ServeSettings:
     max_items: int = 64                 # images per /predict request (413 above)
     max_body_bytes: int = 16 * 2**20    # request body (413 above)
     max_image_pixels: int = 16_000_000  # width × height of one image, from its header (422 above)
+    max_request_pixels: int = 32_000_000  # width × height summed over a request's images, from headers (413 above)
     decode_threads: int = 2             # images decoded at once, over all requests
     torch_threads: int = 0              # torch intra-op threads of the serving process; 0 = torch's default
     batch_images: int = 128             # concurrent requests share one forward up to this many images
     group_from: int = 64                # shared batches this large run one forward per task (0: never)
+    max_queue: int = 16                 # requests waiting for a forward (503 + Retry-After above)
+    max_inflight: int = 32              # /predict requests being read, decoded or answered at once (503 above)
+    limit_concurrency: int = 64         # uvicorn: connections + requests at once (its own 503 above)
+    read_timeout: float = 30.0          # seconds for a request's head (uvicorn) and for its body (408)
+    timeout_keep_alive: int = 5         # uvicorn: seconds an idle keep-alive connection stays open
+    max_header_bytes: int = 16384       # uvicorn/h11: request line + headers (400 above)
+    allowed_hosts: list[str] = field(default_factory=list)  # extra Host names besides localhost, IPs, the bound host
     token: str = ""                     # bearer token; DELTAPATCH_SERVE_TOKEN overrides it
 
     def __post_init__(self) -> None:
-        for name in ("max_items", "max_body_bytes", "max_image_pixels", "decode_threads", "batch_images"):
+        for name in ("max_items", "max_body_bytes", "max_image_pixels", "max_request_pixels", "decode_threads",
+                     "batch_images", "max_queue", "max_inflight", "limit_concurrency", "timeout_keep_alive",
+                     "max_header_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"params.yaml: serve.{name} must be at least 1, got {getattr(self, name)!r}")
         if int(self.torch_threads) < 0 or int(self.group_from) < 0:
             raise ConfigError("params.yaml: serve.torch_threads and serve.group_from must be 0 or more")
+        if not float(self.read_timeout) > 0:
+            raise ConfigError(f"params.yaml: serve.read_timeout must be above 0 seconds, got {self.read_timeout!r}")
+        if not isinstance(self.allowed_hosts, list) or not all(isinstance(h, str) and h for h in self.allowed_hosts):
+            raise ConfigError(f"params.yaml: serve.allowed_hosts must be a list of host names, got {self.allowed_hosts!r}")
 
 
 def serve_settings(params: dict[str, Any]) -> ServeSettings:
@@ -141,10 +174,94 @@ class PredictRequest(BaseModel):
 class RequestRejected(Exception):
     """A request refused before it reaches the model: HTTP `status` with `detail` saying why."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers or {}
+
+
+RETRY_AFTER = {"Retry-After": "1"}  # seconds; sent with every 503 (busy: retry later)
+JSON_MEDIA_TYPE = "application/json"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Starlette's in-process TestClient: its scope names the client "testclient" and carries the
+# "http.response.debug" extension, which no socket connection can produce (uvicorn sets the client
+# from the peer address, or from X-Forwarded-For, and never that extension); its Host is "testserver".
+TEST_CLIENT, TEST_HOST, TEST_EXTENSION = "testclient", "testserver", "http.response.debug"
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header, lower-case, without port or IPv6 brackets."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[1:end] if end > 0 else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def allowed_host_names(params: dict[str, Any], *bound: str | None) -> frozenset[str]:
+    """Host names the app answers (IP literals are always accepted, see RequestGuard): localhost, the
+    host(s) it is bound to (`bound`; by default registry.serve_host and stack.host) and
+    serve.allowed_hosts."""
+    hosts = list(bound) if bound else [registry_settings(params).serve_host, (params.get("stack") or {}).get("host")]
+    names = ["localhost", *(h for h in hosts if h), *serve_settings(params).allowed_hosts]
+    return frozenset(host_name(str(n)) for n in names)
+
+
+class RequestGuard:
+    """ASGI middleware in front of every route, against cross-site requests and DNS rebinding:
+
+    - the Host header must name this server: an IP literal (a rebinding page's Host is always the
+      attacker's *name*), localhost, the bound host or a serve.allowed_hosts name; else 421 (400 when
+      missing). Starlette's in-process TestClient (see TEST_CLIENT) is accepted with its "testserver".
+    - POST/PUT/PATCH/DELETE need ``Content-Type: application/json`` (415): a web page can send a
+      cross-site request without a CORS preflight only as text/plain, form data or no type at all.
+    """
+
+    def __init__(self, app: Any, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        hosts = 0
+        for key, value in scope.get("headers", []):
+            name = key.decode("latin-1").lower()
+            hosts += name == "host"
+            headers.setdefault(name, value.decode("latin-1"))
+        problem = (400, "more than one Host header") if hosts > 1 else self.refusal(scope, headers)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        status, detail = problem
+        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+    def refusal(self, scope: Any, headers: dict[str, str]) -> tuple[int, str] | None:
+        host = headers.get("host")
+        if not host:
+            return 400, "missing Host header"
+        name = host_name(host)
+        in_process = (scope.get("client") or ("",))[0] == TEST_CLIENT and TEST_EXTENSION in (scope.get("extensions") or {})
+        if not (name in self.allowed or _is_ip(name) or (in_process and name == TEST_HOST)):
+            return 421, (f"Host {host[:100]!r} is not a name of this server (DNS rebinding?); use its IP address, "
+                         f"localhost or the bound host, or add the name to serve.allowed_hosts")
+        if scope["method"] in UNSAFE_METHODS:
+            media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != JSON_MEDIA_TYPE:
+                return 415, (f"{scope['method']} needs 'Content-Type: {JSON_MEDIA_TYPE}', got "
+                             f"{(media or 'none')[:100]!r} (refused: cross-site requests can send other types)")
+        return None
 
 
 class ChampionSync:
@@ -251,9 +368,23 @@ class ChampionSync:
         return {task: int(p.version) for task, p in list(self.predictor.patches.items())}
 
 
-async def read_body(request: Any, limit: int) -> bytes:
+# A legitimate body, {"items": [{"task": "...", "image": "<base64>"}, ...]}, holds one '{' per item plus
+# one, one '[' and two ',' per item; base64 and task names hold none of these characters. Counting
+# them anywhere in the bytes (inside strings too: an over-count only) bounds the number of JSON values
+# the parser will build, without parsing.
+SHAPE_SLACK = 8
+
+
+async def read_body(request: Any, limit: int, max_items: int | None = None, timeout: float | None = None) -> bytes:
     """The request body, refusing (413) one above `limit` bytes before reading it when Content-Length
-    says so, else as soon as the streamed bytes pass the limit."""
+    says so, else as soon as the streamed bytes pass the limit.
+
+    `max_items`: refuse (413) as soon as the bytes received hold more '{'/'[' than `max_items` items
+    need (+ SHAPE_SLACK), or more ',' than 3 per item (+ SHAPE_SLACK): a cheap, chunk-wise upper bound on
+    the JSON values in the body, checked while it streams and before any parsing, so that parsing
+    (on the event loop) never builds more than a few hundred values — e.g. a few MB of tiny items.
+    `timeout`: the whole body must arrive within it (408), so a slow sender cannot hold a request.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -263,13 +394,27 @@ async def read_body(request: Any, limit: int) -> bytes:
         if size > limit:
             raise RequestRejected(413, f"request body of {size} bytes is above serve.max_body_bytes={limit}; "
                                        "send fewer or smaller images per request")
-    chunks, received = [], 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise RequestRejected(413, f"request body above serve.max_body_bytes={limit} bytes; "
-                                       "send fewer or smaller images per request")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+    received = containers = commas = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise RequestRejected(413, f"request body above serve.max_body_bytes={limit} bytes; "
+                                               "send fewer or smaller images per request")
+                if max_items is not None:
+                    containers += chunk.count(b"{") + chunk.count(b"[")
+                    commas += chunk.count(b",")
+                    if containers > max_items + SHAPE_SLACK or commas > 3 * max_items + SHAPE_SLACK:
+                        raise RequestRejected(413, f"request has more items (or JSON values) than serve.max_items="
+                                                   f"{max_items} allows; split it into several requests")
+                chunks.append(chunk)
+    except ClientDisconnect:  # nobody reads the answer; refused without a traceback in the log
+        raise RequestRejected(400, f"client disconnected after {received} bytes of the body") from None
+    except TimeoutError:
+        raise RequestRejected(408, f"request body not received within serve.read_timeout={timeout or 0:g} s "
+                                   f"({received} bytes so far)") from None
     return b"".join(chunks)
 
 
@@ -288,12 +433,14 @@ def parse_request(body: bytes, settings: ServeSettings) -> PredictRequest:
     return request
 
 
-def decode_item(index: int, item: Item, size: int, max_pixels: int) -> np.ndarray:
-    """One item's base64 image → (size, size, 3) uint8; RequestRejected(422) naming the item."""
+def _raw_image(index: int, item: Item) -> bytes:
     try:
-        raw = base64.b64decode(item.image, validate=True)
+        return base64.b64decode(item.image, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RequestRejected(422, f"items[{index}].image: not valid base64 ({exc})") from None
+
+
+def _pixels(index: int, raw: bytes, size: int, max_pixels: int) -> np.ndarray:
     try:
         return load_pixels(raw, size, max_pixels)
     except ImageTooLarge as exc:
@@ -303,32 +450,75 @@ def decode_item(index: int, item: Item, size: int, max_pixels: int) -> np.ndarra
         raise RequestRejected(422, f"items[{index}].image: {exc}") from None
 
 
-def decode_items(items: list[Item], size: int, settings: ServeSettings, pool: ThreadPoolExecutor) -> np.ndarray:
-    """Every item decoded in `pool`; all failing items are named in one 422."""
+def header_pixels(raw: bytes) -> int | None:
+    """width × height from the image header (PIL's open reads only the header), None when unreadable."""
+    try:
+        with Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS) as image:
+            width, height = image.size
+            return int(width) * int(height)
+    except Exception:  # noqa: BLE001 (any failure: the full pipeline then names the reason)
+        return None
 
-    def attempt(pair: tuple[int, Item]) -> np.ndarray | RequestRejected:
-        try:
-            return decode_item(pair[0], pair[1], size, settings.max_image_pixels)
-        except RequestRejected as exc:
-            return exc
 
-    outcomes = list(pool.map(attempt, enumerate(items)))
+def inspect_item(index: int, item: Item, max_pixels: int) -> tuple[bytes, int]:
+    """An item's image bytes and header pixel count, nothing decoded; RequestRejected(422) naming the
+    item when it is not base64, unreadable, or above `max_pixels` (the pipeline's own message)."""
+    raw = _raw_image(index, item)
+    pixels = header_pixels(raw)
+    if pixels is None or pixels > max_pixels:
+        _pixels(index, raw, 1, max_pixels)  # raises the pipeline's reason, before decoding (header or format)
+        raise RequestRejected(422, f"items[{index}].image: unreadable image header")
+    return raw, pixels
+
+
+def decode_item(index: int, item: Item, size: int, max_pixels: int) -> np.ndarray:
+    """One item's base64 image → (size, size, 3) uint8; RequestRejected(422) naming the item."""
+    return _pixels(index, _raw_image(index, item), size, max_pixels)
+
+
+def _gather(outcomes: list[Any]) -> list[Any]:
     errors = [o.detail for o in outcomes if isinstance(o, RequestRejected)]
     if errors:
         more = f"; … and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
         raise RequestRejected(422, "; ".join(errors[:MAX_LISTED]) + more)
-    return np.stack(outcomes)  # type: ignore[arg-type]
+    return outcomes
+
+
+def decode_items(items: list[Item], size: int, settings: ServeSettings, pool: ThreadPoolExecutor) -> np.ndarray:
+    """Every item decoded in `pool`; all failing items are named in one 422. First every header is read
+    (nothing decoded): the per-image limit (422) and the sum of width × height over the request,
+    serve.max_request_pixels (413), are checked before any pixel is decoded."""
+
+    def attempt(func: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return func(*args)
+        except RequestRejected as exc:
+            return exc
+
+    headers = _gather(list(pool.map(lambda pair: attempt(inspect_item, pair[0], pair[1], settings.max_image_pixels),
+                                    enumerate(items))))
+    total = sum(pixels for _, pixels in headers)
+    if total > settings.max_request_pixels:
+        raise RequestRejected(413, f"the request's {len(items)} images hold {total} pixels in all (width × height "
+                                   f"from their headers), above serve.max_request_pixels={settings.max_request_pixels}; "
+                                   "send fewer or smaller images per request")
+    images = _gather(list(pool.map(lambda pair: attempt(_pixels, pair[0], pair[1][0], size, settings.max_image_pixels),
+                                   enumerate(headers))))
+    return np.stack(images)
+
+
+def token_matches(token: str, authorization: str | None) -> bool:
+    """`Authorization: Bearer <token>`, compared in constant time (the time taken does not reveal how
+    much of the token matched)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def _bearer_guard(token: str | None) -> Callable[..., None]:
-    expected = token.encode() if token else b""
-
     def guard(authorization: str | None = Header(default=None)) -> None:
         if token is None:
             return
-        scheme, _, given = (authorization or "").partition(" ")
-        # compare_digest: the time taken does not reveal how much of the token matched
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if not token_matches(token, authorization):
             raise HTTPException(401, f"missing or wrong bearer token: send 'Authorization: Bearer <token>' "
                                      f"(the token of {TOKEN_ENV} or serve.token)",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -336,10 +526,15 @@ def _bearer_guard(token: str | None) -> Callable[..., None]:
     return guard
 
 
-def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, device: str | None = None) -> Any:
+def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, device: str | None = None,
+               allowed_hosts: Iterable[str] | None = None) -> Any:
     """The FastAPI app: loads the base in service (deltapatch.registry.bases; the local base.weights
-    before any base version) and its patches at start-up."""
+    before any base version) and its patches at start-up.
+
+    `allowed_hosts`: the Host names it answers besides IP literals (RequestGuard); default
+    :func:`allowed_host_names` (localhost, registry.serve_host, stack.host, serve.allowed_hosts)."""
     settings = serve_settings(params)
+    hosts = frozenset(host_name(h) for h in allowed_hosts) if allowed_hosts is not None else allowed_host_names(params)
     if settings.torch_threads > 0:  # process-wide: set by the process that serves
         torch.set_num_threads(settings.torch_threads)
     interval = registry_settings(params).poll_seconds if poll_seconds is None else float(poll_seconds)
@@ -351,11 +546,13 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
         log.warning("serving the local base.weights for now (%s); the next poll retries the registry", exc)
         base_params = params
     predictor = Predictor(load_base(base_params, dev))
-    batcher = ForwardBatcher(predictor, settings.batch_images, settings.group_from)
+    batcher = ForwardBatcher(predictor, settings.batch_images, settings.group_from, max_queue=settings.max_queue)
     sync = ChampionSync(params, predictor, dev, on_swap=lambda fresh: setattr(batcher, "predictor", fresh))
     sync.refresh()
     pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="deltapatch-decode")
-    authorized = [Depends(_bearer_guard(serve_token(settings)))]
+    token = serve_token(settings)
+    authorized = [Depends(_bearer_guard(token))]
+    inflight = [0]  # /predict requests being handled (the event loop's thread only: no lock)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -379,8 +576,10 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
             batcher.close()
 
     app = FastAPI(title="deltapatch", version="1", lifespan=lifespan)
+    app.add_middleware(RequestGuard, allowed=hosts)
     app.state.sync = sync
     app.state.predictor = sync.predictor
+    app.state.allowed_hosts = hosts
 
     def swapped(fresh: Predictor) -> None:
         batcher.predictor = fresh
@@ -392,14 +591,18 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
 
     @app.exception_handler(RequestRejected)
     async def rejected(_: Request, exc: RequestRejected) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health(authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        """Open; with a token configured, only a generic status unless the request carries it (the
+        registry's error text, served tasks and limits are for the token's holders)."""
+        if token is not None and not token_matches(token, authorization):
+            return {"status": "ok", "auth": True}
         limits = {k: v for k, v in asdict(settings).items() if k != "token"}
         return {"status": "ok", "base_fingerprint": sync.predictor.fingerprint, "base_version": sync.base_version,
                 "tasks": sync.served(),
-                "registry_error": sync.last_error, "limits": limits, "auth": serve_token(settings) is not None}
+                "registry_error": sync.last_error, "limits": limits, "auth": token is not None}
 
     @app.get("/tasks", dependencies=authorized)
     def tasks() -> dict[str, Any]:
@@ -420,7 +623,19 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
     @app.post("/predict", dependencies=authorized)
     async def predict(request: Request) -> JSONResponse:
         """Body: {"items": [{"task": "<task or base>", "image": "<base64 image file>"}, ...]}."""
-        parsed = parse_request(await read_body(request, settings.max_body_bytes), settings)
+        if inflight[0] >= settings.max_inflight:
+            raise RequestRejected(503, f"busy: {inflight[0]} /predict requests in progress (serve.max_inflight="
+                                       f"{settings.max_inflight}); retry shortly", RETRY_AFTER)
+        inflight[0] += 1
+        try:
+            return await answer(request)
+        finally:
+            inflight[0] -= 1
+
+    async def answer(request: Request) -> JSONResponse:
+        body = await read_body(request, settings.max_body_bytes, settings.max_items, settings.read_timeout)
+        parsed = parse_request(body, settings)
+        del body
         if not parsed.items:
             return JSONResponse({"results": []})
         names = [item.task for item in parsed.items]
@@ -431,21 +646,107 @@ def create_app(params: dict[str, Any], *, poll_seconds: float | None = None, dev
             why = "; ".join(f"{t}: {sync.unavailable[t]}" for t in unknown[:MAX_LISTED] if t in sync.unavailable)
             raise RequestRejected(404, f"no champion patch served for task(s) {named}; served: {predictor.tasks()}"
                                        + (f"; unavailable: {why}" if why else ""))
+        if batcher.full():  # refused before the costly decoding
+            raise queue_full()
         images = await run_in_threadpool(decode_items, parsed.items, predictor.input_size, settings, pool)
         try:  # shared with the requests queued at the same time (deltapatch/batching.py)
             results = await asyncio.wrap_future(batcher.submit(images, names, predictor))
+        except QueueFull:
+            raise queue_full() from None
         except DeltapatchError as exc:  # e.g. a task whose champion was removed since the check
             raise RequestRejected(409, str(exc)) from None
         return JSONResponse({"results": results})
 
+    def queue_full() -> RequestRejected:
+        return RequestRejected(503, f"busy: {batcher.queued} requests already wait for a forward (serve.max_queue="
+                                    f"{settings.max_queue}); retry shortly", RETRY_AFTER)
+
     return app
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's head (request line + headers):
+    `head_timeout` seconds from the connection, or from the previous response, else the connection
+    is closed. uvicorn's own keep-alive timer restarts on every byte received, so without this a
+    client sending one byte every few seconds (or an open connection sending nothing) would hold a
+    connection, and a serve.limit_concurrency slot, forever. Subclassed per server
+    (:func:`uvicorn_options`) with serve.read_timeout."""
+
+    head_timeout: float = ServeSettings.read_timeout
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to an unparsable request head (e.g. above serve.max_header_bytes), as JSON."""
+        detail = f"{msg} (malformed, or request line + headers above serve.max_header_bytes)"
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+        self.transport.write(self.conn.send(h11.Data(data=json.dumps({"detail": detail}).encode())))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        if not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_deadline)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_deadline(self) -> None:
+        self._head_timer = None
+        # no request head completed since the timer was armed: no cycle, or the previous one's
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.logger.info("closing a connection whose request head did not arrive within %g s", self.head_timeout)
+            self.transport.close()
+
+
+def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    """uvicorn.run/Config keyword arguments from serve settings: concurrency limit, keep-alive and
+    request-head timeouts (GuardedH11Protocol), header size limit."""
+    protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"head_timeout": float(settings.read_timeout)})
+    return {"http": protocol, "limit_concurrency": int(settings.limit_concurrency),
+            "timeout_keep_alive": int(settings.timeout_keep_alive),
+            "h11_max_incomplete_event_size": int(settings.max_header_bytes)}
+
+
+def uvicorn_cli_args(settings: ServeSettings) -> list[str]:
+    """The same limits as uvicorn command-line options, for `python -m uvicorn --factory ...` (the stack):
+    the request-head deadline there is GuardedH11Protocol's default (ServeSettings.read_timeout)."""
+    return ["--http", f"{__name__}:GuardedH11Protocol", "--limit-concurrency", str(settings.limit_concurrency),
+            "--timeout-keep-alive", str(settings.timeout_keep_alive),
+            "--h11-max-incomplete-event-size", str(settings.max_header_bytes)]
+
+
+def server_config(params: dict[str, Any], host: str | None = None, port: int | None = None,
+                  app: Any = None) -> uvicorn.Config:
+    """The uvicorn configuration of `deltapatch serve` (see :func:`run`); `app` default: create_app
+    with the Host names of `host`."""
+    settings = registry_settings(params)
+    host = host or settings.serve_host
+    limits = serve_settings(params)
+    if app is None:
+        app = create_app(params, allowed_hosts=allowed_host_names(params, host))
+    return uvicorn.Config(app, host=host, port=int(port or settings.serve_port), log_level="info",
+                          **uvicorn_options(limits))
 
 
 def run(params: dict[str, Any], host: str | None = None, port: int | None = None) -> None:
     """Serve with uvicorn (blocking). A non-loopback `host` needs a token (see check_exposure)."""
-    settings = registry_settings(params)
-    host = host or settings.serve_host
+    host = host or registry_settings(params).serve_host
     check_exposure(host, serve_settings(params))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(params)
-    uvicorn.run(app, host=host, port=int(port or settings.serve_port), log_level="info")
+    uvicorn.Server(server_config(params, host, port)).run()

@@ -21,6 +21,7 @@ from deltapatch.stack.processes import _commands, _port_free, _ports, _proc_star
 from deltapatch.stack.settings import (
     PROCESS_ORDER,
     StackError,
+    StackSettings,
     _write_state,
     code_root,
     process_env,
@@ -47,11 +48,7 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
     if previous and any(is_running(e) for e in previous.get("processes", {}).values()):
         return repair(params, previous, say)
     cmds = _commands(params, settings)
-    if "serve" in cmds:  # the same rule as `deltapatch serve`: never beyond loopback without a token
-        # deltapatch.serve imports torch and FastAPI, which `stack status/down` never need.
-        from deltapatch.serve import check_exposure, serve_settings  # lazy: heavy (torch + FastAPI)
-
-        check_exposure(settings.host, serve_settings(params))
+    _check_exposure(params, settings, cmds)
     ports = dict(_ports(params, settings, cmds).values())
     busy = [f"{key}={port}" for key, port in ports.items() if not _port_free(settings.host, int(port))]
     if busy:
@@ -74,7 +71,7 @@ def up(params: dict[str, Any], on_progress: Callable[[str], None] | None = None)
     def start(names: list[str]) -> None:
         for name in names:
             if name in cmds:
-                state["processes"][name] = _spawn(params, name, cmds[name], env, root)
+                state["processes"][name] = _start(params, settings, name, cmds[name], env, root)
                 say(f"started {name} (pid {state['processes'][name]['pid']})")
         _write_state(params, state)
         wait_healthy(params, [n for n in names if n in cmds], state, deadline, say)
@@ -102,6 +99,7 @@ def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], N
     entries = state.setdefault("processes", {})
     kept = [n for n in PROCESS_ORDER if n in cmds and n in entries and is_running(entries[n])]
     dead = [n for n in PROCESS_ORDER if n in cmds and n not in kept]
+    _check_exposure(params, settings, dead)  # before anything is killed or started
     for name, (key, port) in _ports(params, settings, dead).items():
         if not _port_free(settings.host, int(port)) and name in entries:
             # A dead server's children can outlive it and hold its port (MLflow's uvicorn): that group is ours.
@@ -115,7 +113,7 @@ def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], N
     deadline = time.monotonic() + settings.startup_timeout
     for name in dead:
         def restart(name: str = name) -> None:
-            entries[name] = _spawn(params, name, cmds[name], env, root)
+            entries[name] = _start(params, settings, name, cmds[name], env, root)
             say(f"restarted {name} (pid {entries[name]['pid']}): it was down")
             _write_state(params, state)
             wait_healthy(params, [name], state, deadline, say)
@@ -131,6 +129,23 @@ def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], N
     info = status(params)
     info["started"], info["kept"] = dead, kept
     return info
+
+
+def _check_exposure(params: dict[str, Any], settings: StackSettings, names: Iterable[str]) -> None:
+    """The rule of `deltapatch serve` for every path that starts the serving app (`up`, `repair`):
+    never on a host beyond loopback without a token (deltapatch.serve.check_exposure; ConfigError)."""
+    if "serve" in names:
+        # deltapatch.serve imports torch and FastAPI, which `stack status/down` never need.
+        from deltapatch.serve import check_exposure, serve_settings  # lazy: heavy (torch + FastAPI)
+
+        check_exposure(settings.host, serve_settings(params))
+
+
+def _start(params: dict[str, Any], settings: StackSettings, name: str, cmd: list[str], env: dict[str, str],
+           root: Path) -> dict[str, Any]:
+    """Spawn one stack process; the serving app only after the exposure check (whatever the path)."""
+    _check_exposure(params, settings, [name])
+    return _spawn(params, name, cmd, env, root)
 
 
 def _ensure_zombie_guard(params: dict[str, Any], say: Callable[[str], None]) -> None:

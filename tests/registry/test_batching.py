@@ -61,3 +61,26 @@ def test_concurrent_requests_share_a_forward_and_fail_alone(predictor: Predictor
         assert batcher.forwards == 3
     finally:
         batcher.close()
+
+
+def test_queue_is_bounded(predictor: Predictor, trained: Trained) -> None:
+    from deltapatch.batching import QueueFull
+
+    images = _images(trained, 3)
+    batcher = ForwardBatcher(predictor, max_images=1, max_queue=1)
+    try:
+        with predictor.lock:  # the first job is taken and blocks in its forward; the second waits
+            first = batcher.submit(images[0:1], ["base"])
+            deadline = time.monotonic() + 30
+            while batcher.forwards == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            second = batcher.submit(images[1:2], [TASK])
+            assert batcher.queued == 1 and batcher.full()
+            with pytest.raises(QueueFull, match="max_queue=1"):
+                batcher.submit(images[2:3], ["base"])
+        assert first.result(timeout=60) == predictor.predict(images[0:1], ["base"])
+        assert second.result(timeout=60) == predictor.predict(images[1:2], [TASK])
+        assert batcher.queued == 0 and not batcher.full()
+        assert batcher.submit(images[2:3], ["base"]).result(timeout=60)  # room again
+    finally:
+        batcher.close()

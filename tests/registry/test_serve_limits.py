@@ -99,7 +99,7 @@ def test_token_guards_predict_reload_and_tasks(project: dict[str, Any], monkeypa
         assert health.status_code == 200 and health.json()["auth"] is True
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
                         {"Authorization": "Basic s3cret-token"}):
-            for method, path, kwargs in (("post", "/predict", {"json": body}), ("post", "/reload", {}),
+            for method, path, kwargs in (("post", "/predict", {"json": body}), ("post", "/reload", {"json": {}}),
                                          ("get", "/tasks", {})):
                 response = getattr(client, method)(path, headers=headers, **kwargs)
                 assert response.status_code == 401, (path, headers, response.text)
@@ -107,7 +107,7 @@ def test_token_guards_predict_reload_and_tasks(project: dict[str, Any], monkeypa
                 assert "DELTAPATCH_SERVE_TOKEN" in response.json()["detail"]
         auth = {"Authorization": "Bearer s3cret-token"}
         assert client.post("/predict", json=body, headers=auth).status_code == 200
-        assert client.post("/reload", headers=auth).status_code == 200
+        assert client.post("/reload", json={}, headers=auth).status_code == 200
         assert client.get("/tasks", headers=auth).json()["refused"] == {}
     check_exposure("0.0.0.0", serve_settings(project))  # a token is set: allowed
 
