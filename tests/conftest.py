@@ -31,6 +31,25 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@localhost")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+def _import_cli_wide() -> None:
+    """The CLI's rich consoles are module-level and read COLUMNS once, when deltapatch.cli is first
+    imported: whichever test imported it first would fix every table's width for its whole worker (80
+    columns where that test set none, truncating rows other tests read). Import it here, wide, once;
+    COLUMNS is restored so that pytest's own output keeps the terminal's width."""
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "400"
+    try:
+        import deltapatch.cli  # noqa: F401 (imported for its consoles' width)
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
+
+
+_import_cli_wide()
+
 # `make test` runs two pytest-xdist workers on CI's two cores. One torch thread per worker (and per
 # process a worker starts: stack servers, flow runs and trainings inherit the variable) keeps the two
 # from oversubscribing the cores; torch reads it when first imported, which happens after this line.
