@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from deltapatch.access import prefect_headers
 from deltapatch.errors import DeltapatchError
 from deltapatch.faults import FaultSettings
 
@@ -93,7 +94,7 @@ def _sorted(value: Any) -> Any:
 
 def _request(method: str, url: str, body: Any = None) -> httpx.Response:
     try:
-        response = httpx.request(method, url, json=body, timeout=HTTP_TIMEOUT)
+        response = httpx.request(method, url, json=body, timeout=HTTP_TIMEOUT, headers=prefect_headers())
     except httpx.HTTPError as exc:
         raise DeltapatchError(f"could not reach the Prefect API at {url.split('/automations')[0]}: {exc}") from exc
     if response.status_code >= 400:

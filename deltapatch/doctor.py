@@ -18,6 +18,7 @@ import httpx
 import torch
 
 from deltapatch import stack
+from deltapatch.access import prefect_headers
 from deltapatch.automations import zombie_automation_state
 from deltapatch.bench import BenchSettings
 from deltapatch.config import STATE_DIR, ConfigError, load_params, resolve_path, section, state_dir
@@ -31,6 +32,7 @@ from deltapatch.models.pretrain import PretrainSettings, is_embedded_base
 from deltapatch.patching import DeltaSettings
 from deltapatch.registry import store, tracking
 from deltapatch.registry.registry import list_patches
+from deltapatch.stack.auth import use_credentials
 from deltapatch.train import Normalizer, TrainSettings, accuracy, predict_logits, resolve_device
 
 OK, FAIL, NOT_USED = "ok", "FAIL", "-"
@@ -148,9 +150,11 @@ def check_prefect(params: dict[str, Any]) -> Check:
     if not api:
         return Check("prefect", NOT_USED, "no server (the stack serves the deployments)")
     pool = stack.stack_settings(params).gpu_pool
+    use_credentials(params)  # the checks log in where the stack has credentials
     try:
-        found = [d for d in stack.DEPLOYMENTS if httpx.get(f"{api}/deployments/name/{d}", timeout=5).status_code == 200]
-        response = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=5)
+        found = [d for d in stack.DEPLOYMENTS if httpx.get(f"{api}/deployments/name/{d}", timeout=5,
+                                                                 headers=prefect_headers()).status_code == 200]
+        response = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=5, headers=prefect_headers())
         workers = response.json() if response.status_code == 200 else []
     except httpx.HTTPError as exc:
         return Check("prefect", FAIL, f"{api} unreachable ({exc})", "`deltapatch stack up`, or fix PREFECT_API_URL")

@@ -17,8 +17,10 @@ from typing import Any
 
 import httpx
 
+from deltapatch.access import prefect_headers
 from deltapatch.errors import DeltapatchError
 from deltapatch.stack import client_env
+from deltapatch.stack.auth import use_credentials
 
 HTTP_TIMEOUT = 10.0
 
@@ -27,6 +29,7 @@ def api_url_for(params: dict[str, Any]) -> str:
     """The Prefect API of this project: its running stack, else ``PREFECT_API_URL`` (env or profile)."""
     env = client_env(params)
     if env is not None:
+        use_credentials(params)  # the calls that follow log in where the stack has credentials
         return env["PREFECT_API_URL"]
     url = os.environ.get("PREFECT_API_URL")
     if not url:
@@ -53,7 +56,8 @@ def send_event(api_url: str, event: str, resource: dict[str, str], payload: dict
 
     body = Event(event=event, resource=Resource.model_validate(resource), payload=payload, id=uuid.uuid4())
     try:
-        response = httpx.post(f"{api_url}/events", json=[body.model_dump(mode="json")], timeout=HTTP_TIMEOUT)
+        response = httpx.post(f"{api_url}/events", json=[body.model_dump(mode="json")], timeout=HTTP_TIMEOUT,
+                              headers=prefect_headers())
     except httpx.HTTPError as exc:
         raise DeltapatchError(f"could not reach the Prefect API at {api_url} to emit '{event}': {exc}") from exc
     if response.status_code >= 400:
@@ -64,7 +68,7 @@ def send_event(api_url: str, event: str, resource: dict[str, str], payload: dict
 
 def deployment_id(api_url: str, name: str) -> str:
     """Id of deployment ``flow/deployment``; a clear error when the server does not have it."""
-    response = httpx.get(f"{api_url}/deployments/name/{name}", timeout=HTTP_TIMEOUT)
+    response = httpx.get(f"{api_url}/deployments/name/{name}", timeout=HTTP_TIMEOUT, headers=prefect_headers())
     if response.status_code == 404:
         raise DeltapatchError(f"the Prefect server at {api_url} has no deployment '{name}': start the "
                               "project's stack (`deltapatch stack up`) or serve the flows (`python -m flows.serve`)")
@@ -75,7 +79,7 @@ def deployment_id(api_url: str, name: str) -> str:
 def flow_runs(api_url: str, deployment: str, limit: int = 200) -> list[dict[str, Any]]:
     """Flow runs of the deployment with id `deployment`, newest expected start first."""
     body = {"flow_runs": {"deployment_id": {"any_": [deployment]}}, "limit": limit, "sort": "EXPECTED_START_TIME_DESC"}
-    response = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT)
+    response = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT, headers=prefect_headers())
     response.raise_for_status()
     return list(response.json())
 

@@ -80,6 +80,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from deltapatch.access import is_loopback
 from deltapatch.base_versions import serving_base_params
 from deltapatch.batching import ForwardBatcher, QueueFull
 from deltapatch.config import ConfigError, section
@@ -141,15 +142,6 @@ def serve_settings(params: dict[str, Any]) -> ServeSettings:
 def serve_token(settings: ServeSettings) -> str | None:
     """The bearer token in force: $DELTAPATCH_SERVE_TOKEN, else serve.token, else None (no auth)."""
     return os.environ.get(TOKEN_ENV) or settings.token or None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name other than localhost: may resolve to anything
-        return False
 
 
 def check_exposure(host: str, settings: ServeSettings) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 from deltapatch.config import project_root, state_dir
 from deltapatch.data.versioning import git, resolve_rev, tasks_dir
 from deltapatch.errors import DeltapatchError
+from deltapatch.stack.auth import load_credentials
 from deltapatch.stack.settings import code_root, result_block_slug, stack_settings
 from deltapatch.telemetry import TELEMETRY_OFF
 
@@ -61,8 +62,9 @@ def worker_command(pool: str, name: str, limit: int = 0) -> list[str]:
 
 
 def worker_env(params: dict[str, Any], prefect_api_url: str, mlflow_url: str,
-               base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker (and of the training runs it starts) for the project of `params`."""
+               base: dict[str, str] | None = None, credentials: Path | None = None) -> dict[str, str]:
+    """The environment of a worker (and of the training runs it starts) for the project of `params`;
+    with `credentials` (a copy of the stack's file) every call to the stack's servers logs in."""
     root = project_root(params).resolve()
     home = state_dir(params) / "worker" / "prefect"
     home.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,8 @@ def worker_env(params: dict[str, Any], prefect_api_url: str, mlflow_url: str,
         "PYTHONPATH": os.pathsep.join(p for p in (str(code_root()), path) if p),
         "PYTHONUNBUFFERED": "1",
     })
+    if credentials is not None:
+        env.update(load_credentials(credentials).client_env())
     return env
 
 

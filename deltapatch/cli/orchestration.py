@@ -192,6 +192,20 @@ def stack_down() -> None:
     console.print(f"stopped {len(stopped)} process(es)" if stopped else "nothing was running")
 
 
+@stack_app.command("credentials")
+@user_errors
+def stack_credentials(
+    rotate: Annotated[bool, typer.Option("--rotate", help="Replace the secrets (stack down).")] = False,
+) -> None:
+    """Generate the credentials of the stack's Prefect and MLflow servers (needed beyond loopback)."""
+    from deltapatch.stack import credentials
+
+    path = credentials(_params(), rotate=rotate)
+    console.print(f"credentials in {path} (mode 0600; {'new secrets' if rotate else 'kept if it existed'}). "
+                  "Every stack process uses them; copy the file to another machine's worker: "
+                  "`deltapatch worker start --credentials FILE ...`")
+
+
 def _print_status(info: dict[str, Any]) -> None:
     if not info["processes"]:
         console.print("stack: not running (start it with `deltapatch stack up`)")

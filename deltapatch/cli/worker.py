@@ -29,6 +29,8 @@ def worker_start(
     mlflow: Annotated[str | None, typer.Option(help="The stack's MLflow server (default $MLFLOW_TRACKING_URI).")] = None,
     name: Annotated[str | None, typer.Option(help="Worker name shown on its flow runs (default gpu-worker-<host>-<folder>).")] = None,
     limit: Annotated[int, typer.Option(help="Training runs at once on this worker (0: no limit of its own).")] = 0,
+    credentials: Annotated[Path | None, typer.Option(
+        help="A copy of the stack's credentials.json (`deltapatch stack credentials`), for a stack beyond loopback.")] = None,
 ) -> None:
     """Run `prefect worker start --pool <stack.gpu_pool> --type process` with the environment a training
     run needs on this machine (its own PREFECT_HOME and clone; results and registry through the stack's
@@ -54,7 +56,7 @@ def worker_start(
                                "fingerprint) into this clone before starting its worker")
     prefect_url, mlflow_url = server_urls(prefect_api, mlflow)
     cmd = worker_command(stack_settings(params).gpu_pool, name or worker_name(params), limit)
-    env = worker_env(params, prefect_url, mlflow_url)
+    env = worker_env(params, prefect_url, mlflow_url, credentials=credentials)
     console.print(f"worker {cmd[cmd.index('--name') + 1]} on pool {stack_settings(params).gpu_pool} for "
                   f"{prefect_url} (project {params['_root']}, PREFECT_HOME {env['PREFECT_HOME']})")
     os.execve(cmd[0], cmd, env)  # the worker itself, in the foreground: signals reach it directly

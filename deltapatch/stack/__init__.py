@@ -14,13 +14,14 @@ Prefect worker (which ignores the first one for ~20 s), then SIGKILL after ``sta
 
 The code is split by concern: :mod:`.settings` (params.yaml `stack:`, the state file, URLs, the
 processes' environment), :mod:`.processes` (spawn, identity, commands and ports), :mod:`.health`
-(`status`, `client_env`) and :mod:`.lifecycle` (`up`, `repair`, `down`). Import from here.
+(`status`, `client_env`), :mod:`.auth` (the servers' credentials beyond loopback) and
+:mod:`.lifecycle` (`up`, `repair`, `down`, `credentials`). Import from here.
 """
 
 from __future__ import annotations
 
 from deltapatch.stack.health import client_env, mlflow_running, status
-from deltapatch.stack.lifecycle import KILL_WAIT_SECONDS, SERVERS, down, repair, up, wait_healthy
+from deltapatch.stack.lifecycle import KILL_WAIT_SECONDS, SERVERS, credentials, down, repair, up, wait_healthy
 from deltapatch.stack.processes import is_running, serve_app_factory
 from deltapatch.stack.settings import (
     DEPLOYMENTS,
@@ -49,6 +50,7 @@ __all__ = [
     "StackSettings",
     "client_env",
     "code_root",
+    "credentials",
     "down",
     "ensure_flows_importable",
     "is_running",

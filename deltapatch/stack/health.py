@@ -7,9 +7,11 @@ from typing import Any
 
 import httpx
 
+from deltapatch.access import prefect_headers
 from deltapatch.automations import zombie_automation_state
 from deltapatch.faults import fault_settings
 from deltapatch.stack import postgres
+from deltapatch.stack.auth import stack_credentials, use_credentials
 from deltapatch.stack.processes import _http_ok, is_running
 from deltapatch.stack.settings import (
     DEPLOYMENTS,
@@ -40,14 +42,15 @@ def _health(params: dict[str, Any], name: str, state: dict[str, Any]) -> tuple[b
         if name == "serve":
             return (_http_ok(u["serve_url"] + "/health") or _http_ok(u["serve_url"] + "/docs"), u["serve_url"])
         if name == "worker":
-            r = httpx.post(f"{u['prefect_api_url']}/work_pools/{settings.gpu_pool}/workers/filter", json={}, timeout=3)
+            r = httpx.post(f"{u['prefect_api_url']}/work_pools/{settings.gpu_pool}/workers/filter", json={}, timeout=3,
+                           headers=prefect_headers())
             online = [w["name"] for w in (r.json() if r.status_code == 200 else []) if w.get("status") == "ONLINE"]
             return bool(online), f"pool '{settings.gpu_pool}': {len(online)} online worker(s)"
         if name == "deployments":
             names = DEPLOYMENTS
             found = []
             for dep in names:
-                r = httpx.get(f"{u['prefect_api_url']}/deployments/name/{dep}", timeout=3)
+                r = httpx.get(f"{u['prefect_api_url']}/deployments/name/{dep}", timeout=3, headers=prefect_headers())
                 if r.status_code == 200 and (dep == "train-patch/gpu" or r.json().get("status") == "READY"):
                     found.append(dep)
             return len(found) == len(names), f"{len(found)}/{len(names)} deployments ready"
@@ -62,6 +65,7 @@ def _health(params: dict[str, Any], name: str, state: dict[str, Any]) -> tuple[b
 
 def status(params: dict[str, Any]) -> dict[str, Any]:
     """URLs and per-process health (pid, running, healthy, detail, log)."""
+    use_credentials(params)  # the checks below log in where the stack has credentials
     state = read_state(params) or {}
     out = {"urls": state.get("urls", urls(params)), "processes": {}, "running": False}
     for name in PROCESS_ORDER:
@@ -90,10 +94,13 @@ def mlflow_running(params: dict[str, Any]) -> bool:
 
 
 def client_env(params: dict[str, Any]) -> dict[str, str] | None:
-    """PREFECT_API_URL/PREFECT_HOME/MLFLOW_TRACKING_URI of the running stack, None when it is down."""
+    """PREFECT_API_URL/PREFECT_HOME/MLFLOW_TRACKING_URI of the running stack (and its credentials'
+    client variables when it has any), None when it is down."""
     state = read_state(params)
     if not state or not any(is_running(e) for e in state.get("processes", {}).values()):
         return None
     env = process_env(params, state)
-    return {k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+    keys = ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")
+    credentials = stack_credentials(params)
+    return {k: env[k] for k in keys} | (credentials.client_env() if credentials else {})
 

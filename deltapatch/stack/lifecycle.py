@@ -15,7 +15,7 @@ from deltapatch.errors import DeltapatchError
 from deltapatch.faults import fault_settings
 from deltapatch.registry.store import check_single_store, init_store, inspect_store, project_store
 from deltapatch.registry.tracking import external_registry
-from deltapatch.stack import postgres
+from deltapatch.stack import auth, postgres
 from deltapatch.stack.health import _health, status
 from deltapatch.stack.processes import _commands, _port_free, _ports, _proc_start_time, _spawn, is_running
 from deltapatch.stack.settings import (
@@ -131,9 +131,25 @@ def repair(params: dict[str, Any], state: dict[str, Any], say: Callable[[str], N
     return info
 
 
+def credentials(params: dict[str, Any], rotate: bool = False) -> Path:
+    """The stack's credentials file, created when missing; `rotate` replaces the secrets, only while
+    every process is down (running servers keep checking the old ones)."""
+    state = read_state(params) or {}
+    if rotate and any(is_running(e) for e in state.get("processes", {}).values()):
+        raise StackError("the stack is running: its servers check the current credentials until they stop",
+                         hint="`deltapatch stack down`, then rotate, `deltapatch stack up`, and copy the new file "
+                              "to every other machine's worker")
+    return auth.create_credentials(params, rotate=rotate)
+
+
 def _check_exposure(params: dict[str, Any], settings: StackSettings, names: Iterable[str]) -> None:
-    """The rule of `deltapatch serve` for every path that starts the serving app (`up`, `repair`):
-    never on a host beyond loopback without a token (deltapatch.serve.check_exposure; ConfigError)."""
+    """The rules for every path that starts a process (`up`, `repair`), before anything starts: the
+    Prefect and MLflow servers never on a host beyond loopback without the stack's credentials
+    (deltapatch.stack.auth), the serving app never there without a token (deltapatch.serve)."""
+    names = list(names)
+    if any(name in SERVERS for name in names):
+        auth.require_credentials(params, settings.host)
+    auth.use_credentials(params)  # this process's health checks and API calls log in too
     if "serve" in names:
         # deltapatch.serve imports torch and FastAPI, which `stack status/down` never need.
         from deltapatch.serve import check_exposure, serve_settings  # lazy: heavy (torch + FastAPI)
@@ -145,6 +161,9 @@ def _start(params: dict[str, Any], settings: StackSettings, name: str, cmd: list
            root: Path) -> dict[str, Any]:
     """Spawn one stack process; the serving app only after the exposure check (whatever the path)."""
     _check_exposure(params, settings, [name])
+    credentials = auth.stack_credentials(params)
+    if credentials is not None:
+        env = {**env, **auth.server_env(params, name, credentials)}
     return _spawn(params, name, cmd, env, root)
 
 

@@ -19,6 +19,7 @@ from deltapatch.config import load_params, project_root, state_dir
 from deltapatch.registry.store import project_store
 from deltapatch.registry.tracking import external_registry
 from deltapatch.stack import postgres
+from deltapatch.stack.auth import stack_credentials
 from deltapatch.stack.settings import StackSettings, serve_port, stack_dir
 
 
@@ -92,18 +93,19 @@ def _commands(params: dict[str, Any], settings: StackSettings) -> dict[str, list
                     "--port", str(settings.prefect_port)],
         "mlflow": [py, "-m", "mlflow", "server", "--backend-store-uri", backend,
                    "--artifacts-destination", str(registry.artifacts.resolve()), "--host", settings.host,
-                   "--port", str(settings.mlflow_port), "--workers", "1"],
+                   "--port", str(settings.mlflow_port), "--workers", "1",
+                   # MLflow's own basic-auth app whenever the stack has credentials (deltapatch.stack.auth)
+                   *(["--app-name", "basic-auth"] if stack_credentials(params) else [])],
         "worker": [py, "-m", "prefect", "worker", "start", "--pool", settings.gpu_pool, "--type", "process",
                    "--name", f"gpu-worker-{socket.gethostname()}",
                    *(["--limit", str(settings.worker_limit)] if settings.worker_limit > 0 else [])],
         "deployments": [py, "-m", "flows.serve", "--project", root],
         "watcher": [*_deltapatch_cmd(), "watch", "--interval", str(settings.watch_interval),
                     "--stable-seconds", str(settings.watch_stable_seconds)],
-        "serve": [py, "-m", "uvicorn", "--factory", "deltapatch.stack:serve_app_factory", "--host", settings.host,
-                  "--port", str(serve_port(params))],
     }
-    if not settings.serve_app or not _serve_available():
-        cmds.pop("serve")
+    if settings.serve_app and _serve_available():
+        cmds["serve"] = [py, "-m", "uvicorn", "--factory", "deltapatch.stack:serve_app_factory",
+                         "--host", settings.host, "--port", str(serve_port(params)), *_serve_limits(params)]
     if external_registry():
         cmds.pop("mlflow")
     if not cmds["postgres"]:
@@ -118,6 +120,16 @@ def _ports(params: dict[str, Any], settings: StackSettings, names: Iterable[str]
              "mlflow": ("stack.mlflow_port", settings.mlflow_port),
              "serve": ("registry.serve_port", serve_port(params))}
     return {name: known[name] for name in names if name in known}
+
+
+def _serve_limits(params: dict[str, Any]) -> list[str]:
+    """The uvicorn limits of `deltapatch serve` (concurrency, timeouts, header size) for the stack's app."""
+    from deltapatch.serve import (  # lazy: torch + FastAPI, only with serve_app
+        serve_settings,
+        uvicorn_cli_args,
+    )
+
+    return uvicorn_cli_args(serve_settings(params))
 
 
 def _serve_available() -> bool:

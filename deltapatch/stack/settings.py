@@ -15,6 +15,7 @@ from deltapatch.errors import DeltapatchError
 from deltapatch.faults import prefect_client_env
 from deltapatch.registry.tracking import external_registry, registry_settings
 from deltapatch.stack import postgres
+from deltapatch.stack.auth import stack_credentials
 from deltapatch.telemetry import QUIETED_MARKER, TELEMETRY_OFF
 
 STACK_FILE = "stack.json"
@@ -193,6 +194,9 @@ def process_env(params: dict[str, Any], state: dict[str, Any] | None = None) -> 
         cluster = postgres.cluster(params, settings)
         env.update(postgres.client_env(cluster))
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = cluster.prefect_url
+    credentials = stack_credentials(params)
+    if credentials is not None:  # every client of the servers logs in (deltapatch.stack.auth)
+        env.update(credentials.client_env())
     env.update(prefect_client_env(params))  # Prefect clients ride out a server restart (faults.outage_window_s)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_root()), path) if p)

@@ -1,7 +1,8 @@
 """End to end on one real local stack (Prefect server, MLflow server, gpu worker, served deployments,
 inbox watcher) plus a second `prefect worker` on its pool with its own PREFECT_HOME, standing in for
-another machine. The stack is booted once for the module (a boot is about a minute of the suite);
-each test submits tasks of its own names and reads back only its own runs.
+another machine. The stack binds 0.0.0.0, so its servers run with the stack's credentials
+(deltapatch.stack.auth) and every process below logs in. It is booted once for the module (a boot is
+about a minute of the suite); each test submits tasks of its own names and reads back only its own runs.
 
 In order:
 1. arrivals → event trigger → patch-task runs → training queued through the gpu pool, one at a time
@@ -12,12 +13,16 @@ In order:
    promoted;
 3. the Prefect server dies while an arrival trains and is back 30 s later (`stack up` restarts it):
    the same arrival completes and trained once.
+4. no route of the Prefect server (events websockets included) or of the MLflow server answers
+   without the credentials, or with wrong ones; with them, both answer;
 At the end `stack down` leaves no process behind.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,8 +32,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 from deltapatch import prefect_api, stack
 from deltapatch.config import load_params
@@ -36,6 +44,7 @@ from deltapatch.demo import run_results, wait_for_runs
 from deltapatch.faults import checkpoint_dir
 from deltapatch.inbox import inbox_dir, submit
 from deltapatch.registry import registry
+from deltapatch.stack import auth
 from tests.conftest import free_port
 from tests.flows.conftest import new_project, write_task
 
@@ -109,12 +118,13 @@ def running_stack(base_project: dict[str, Any], tmp_path_factory: pytest.TempPat
     """The module's stack and a second worker on its gpu pool; down at the end, nothing left running."""
     folder = tmp_path_factory.mktemp("stack-e2e")
     params = new_project(base_project, folder / "project", {
-        "stack": {"prefect_port": free_port(), "mlflow_port": free_port(), "serve_app": False,
+        "stack": {"host": "0.0.0.0", "prefect_port": free_port(), "mlflow_port": free_port(), "serve_app": False,
                   "watch_stable_seconds": 1.0, "startup_timeout": 300},
         "train": {"epochs": 1, "min_steps": 0, "batch_size": 16},
         "faults": {"zombie_after_seconds": ZOMBIE_AFTER_S, "poll_seconds": 1.0},
     })
     second: subprocess.Popen[bytes] | None = None
+    stack.credentials(params)  # beyond loopback the stack refuses to start without them
     try:
         stack.up(params)
         env = {**stack.process_env(params), **stack.client_env(params), "PREFECT_HOME": str(folder / "second-home")}
@@ -131,8 +141,88 @@ def running_stack(base_project: dict[str, Any], tmp_path_factory: pytest.TempPat
         entries = list(((stack.read_state(params) or {}).get("processes") or {}).values())
         said: list[str] = []
         stack.down(params, on_progress=said.append)
+        for key in ("PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(key, None)  # set by stack.up for this process (auth.use_credentials)
         left = [e["cmd"] for e in entries if stack.is_running(e)]
         assert not left, f"stack down left processes running: {left}; it said {said}"
+
+
+def _mlflow_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route the MLflow server has: its Flask rules and its FastAPI routers."""
+    from mlflow.server import app as flask_app
+    from mlflow.server import fastapi_app
+
+    routes = [(m, re.sub(r"<[^>]+>", "x", rule.rule)) for rule in flask_app.url_map.iter_rules()
+              for m in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})]
+    for name in dir(fastapi_app):
+        router = getattr(fastapi_app, name)
+        if name.endswith("_router") and hasattr(router, "routes"):
+            routes += [(m, re.sub(r"\{[^}]+\}", "x", r.path)) for r in router.routes for m in sorted(getattr(r, "methods", None) or {"GET"})]
+    return sorted(set(routes))
+
+
+# MLflow's basic-auth app leaves these open on purpose (deltapatch.stack.auth): a liveness probe, the UI's
+# static files and server-info (store type and feature flags, which clients read before they log in).
+MLFLOW_OPEN = ("/health", "/static", "/favicon.ico", "/api/3.0/mlflow/server-info", "/ajax-api/3.0/mlflow/server-info")
+PREFECT_OPEN = ("/health", "/ready")  # Prefect's auth middleware: GET probes only
+PREFECT_SOCKETS = ("/events/in", "/events/out", "/logs/out", "/task_runs/subscriptions/scheduled",
+                   "/work_pools/gpu/workers/connect")
+
+
+def test_beyond_loopback_no_route_answers_without_the_credentials(running_stack: dict[str, Any]) -> None:
+    params = running_stack
+    settings = stack.stack_settings(params)
+    credentials = auth.stack_credentials(params)
+    assert credentials is not None
+    prefect, mlflow = f"http://127.0.0.1:{settings.prefect_port}/api", f"http://127.0.0.1:{settings.mlflow_port}"
+    good = {"Authorization": "Basic " + base64.b64encode(credentials.prefect_auth_string.encode()).decode()}
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"deltapatch:guessed").decode()}
+
+    spec = httpx.get(f"{prefect}/openapi.json", headers=good, timeout=30)
+    assert spec.status_code == 200, spec.text[:300]
+    prefect_routes = [(m.upper(), re.sub(r"\{[^}]+\}", "x", path)) for path, ops in spec.json()["paths"].items()
+                      for m in ops]
+    assert len(prefect_routes) > 150, len(prefect_routes)
+    answered = []
+    with httpx.Client(timeout=30) as client:
+        for method, path in prefect_routes:
+            for headers in ({}, wrong):
+                code = client.request(method, prefect + path, json={}, headers=headers).status_code
+                if code != 401 and not (method == "GET" and path in PREFECT_OPEN):
+                    answered.append((method, path, code, bool(headers)))
+    assert not answered, f"Prefect routes that answered without the credentials: {answered[:20]}"
+    assert httpx.post(f"{prefect}/flow_runs/filter", json={}, headers=good, timeout=30).status_code == 200
+
+    ws = prefect.replace("http://", "ws://")
+    for path in PREFECT_SOCKETS:
+        with pytest.raises(InvalidStatus):  # no 'prefect' subprotocol: refused at the handshake
+            connect(ws + path, open_timeout=30).close()
+        with connect(ws + path, subprotocols=["prefect"], open_timeout=30) as socket:  # type: ignore[list-item]
+            socket.send('{"type": "auth", "token": "deltapatch:guessed"}')
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv(timeout=30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008, path
+    with connect(ws + "/events/out", subprotocols=["prefect"], open_timeout=30) as socket:  # type: ignore[list-item]
+        socket.send(f'{{"type": "auth", "token": "{credentials.prefect_auth_string}"}}')
+        assert "auth_success" in str(socket.recv(timeout=30))
+
+    mlflow_routes = _mlflow_routes()
+    assert len(mlflow_routes) > 300, len(mlflow_routes)
+    login = (credentials.mlflow_username, credentials.mlflow_password)
+    open_answers, answered = [], []
+    with httpx.Client(timeout=30) as client:
+        for method, path in mlflow_routes:
+            for login_tried in (None, (credentials.mlflow_username, "guessed")):
+                response = client.request(method, mlflow + path, json={}, auth=login_tried)
+                if response.status_code not in (401, 403):
+                    (open_answers if path.startswith(MLFLOW_OPEN) else answered).append((method, path, response.status_code))
+                    secrets_or_paths = (credentials.mlflow_password, credentials.prefect_auth_string, params["_root"])
+                    assert not any(v in response.text for v in secrets_or_paths), f"{path} leaks: {response.text[:300]}"
+    assert not answered, f"MLflow routes that answered without the credentials: {answered[:20]}"
+    print(f"{len(prefect_routes)} Prefect routes, {len(PREFECT_SOCKETS)} websockets and {len(mlflow_routes)} MLflow "
+          f"routes refused without credentials; open by design: {sorted({p for _m, p, _c in open_answers})}")
+    searched = httpx.get(f"{mlflow}/api/2.0/mlflow/registered-models/search", auth=login, timeout=30)
+    assert searched.status_code == 200, searched.text[:300]
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -208,7 +298,8 @@ def test_a_prefect_server_restart_during_training_is_ridden_out(running_stack: d
     params = _edit_params(running_stack, epochs=FAULT_EPOCHS, zombie_after_seconds=SHIPPED_ZOMBIE_AFTER_S)
     stack.up(params)
     api = stack.client_env(params)["PREFECT_API_URL"]
-    arrival = submit(params, write_task(tmp_path / "src", "shapes", per_class=30), task)
+    # Other images than the kill test's (seed 1): the same dataset again would be refused as a duplicate.
+    arrival = submit(params, write_task(tmp_path / "src", "shapes", per_class=30, seed=1), task)
     _training_with_a_checkpoint(api, params, task)
     processes = (stack.read_state(params) or {})["processes"]
     os.killpg(int(processes["prefect"]["pgid"]), signal.SIGKILL)  # the server and its children, as a crash
