@@ -68,6 +68,11 @@ class BenchServeSettings:
     ceiling_repeats: int = 30       # timed forwards for the ceiling (after 3 warm-up ones)
     rollback: bool = True           # roll one champion back half-way (and restore it at the end)
     startup_timeout: float = 180.0  # seconds for the server to answer /health
+    # `--hostile` (deltapatch.bench_hostile): attackers beside the clients in its second phase
+    slow_senders: int = 8           # connections that trickle a request body one byte per second
+    attackers: int = 2              # concurrent senders of each other hostile request kind
+    attack_rate: float = 0.0        # requests/s of each attacker; 0 = back to back (a flood)
+    health_every: float = 0.2       # seconds between /health probes
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.batch < 1 or self.seconds <= 0 or self.max_requests < 1:
@@ -89,7 +94,7 @@ def bench_serve_settings(params: dict[str, Any]) -> BenchServeSettings:
     return section(params, "bench_serve", BenchServeSettings)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -284,7 +289,7 @@ def _rollback_target(params: dict[str, Any], tasks: list[str]) -> tuple[str, int
     return None
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
@@ -319,9 +324,9 @@ def summarise(outcomes: list[Outcome], settings: BenchServeSettings, ceiling: di
          None),
         ("served images per server CPU-second", round(per_cpu, 1) if per_cpu else "n/a", "", None),
         ("bare forward images per CPU-second (1 thread, mean before/after)", round(bare_cpu, 1), "", None),
-        ("latency p50 ms", round(_percentile(latencies, 50), 1), "", None),
-        ("latency p95 ms", round(_percentile(latencies, 95), 1), "", None),
-        ("latency p99 ms", round(_percentile(latencies, 99), 1), "", None),
+        ("latency p50 ms", round(percentile(latencies, 50), 1), "", None),
+        ("latency p95 ms", round(percentile(latencies, 95), 1), "", None),
+        ("latency p99 ms", round(percentile(latencies, 99), 1), "", None),
     ]
     if rollback.get("done") is not None:
         new = str(rollback["to_version"])
@@ -352,7 +357,7 @@ def status_table(outcomes: list[Outcome]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["kind", "expected", "status", "requests"])
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
@@ -369,7 +374,7 @@ def run_bench_serve(params: dict[str, Any], out_dir: Path, **overrides: Any) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rollback: dict[str, Any] = {}
-    server = ServerProcess(params, _free_port(), out_dir / "server.log")
+    server = ServerProcess(params, free_port(), out_dir / "server.log")
     try:
         listed = server.wait_healthy(settings.startup_timeout, headers)
         tasks = sorted(t for t in listed if t not in ("base", "refused", "unavailable"))
@@ -421,6 +426,6 @@ def run_bench_serve(params: dict[str, Any], out_dir: Path, **overrides: Any) -> 
               f"bare forward images/s by torch threads, before {({k: round(v[0], 1) for k, v in bare_before.items()})}, "
               f"after {({k: round(v[0], 1) for k, v in bare_after.items()})}; "
               f"1-min load average {load_before:.1f} before, {load_after:.1f} after the load.\n\n")
-    (out_dir / "bench-serve.md").write_text(header + _markdown(metrics) + "\n\nRequests by kind and status:\n\n"
-                                            + _markdown(statuses) + "\n")
+    (out_dir / "bench-serve.md").write_text(header + markdown_table(metrics) + "\n\nRequests by kind and status:\n\n"
+                                            + markdown_table(statuses) + "\n")
     return metrics, statuses
