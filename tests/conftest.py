@@ -65,6 +65,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
+LOADGROUP_BROKEN = "pytest 9.2 with pytest-xdist <= 3.8 drops xdist_group under --dist loadgroup (pytest-xdist#1386)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse, with the reason, the pair of versions on which --dist loadgroup loses its groups (each
+    module stack would then boot once per worker); pyproject pins pytest below it."""
+    from importlib.metadata import version
+
+    major_minor = tuple(int(p) for p in version("pytest").split(".")[:2])
+    xdist = tuple(int(p) for p in version("pytest-xdist").split(".")[:2])
+    if config.getoption("dist", "no") == "loadgroup" and major_minor >= (9, 2) and xdist <= (3, 8):
+        raise pytest.UsageError(f"{LOADGROUP_BROKEN}; install pytest<9.2 (`make setup` does)")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The same, seen on a worker (whatever the versions): with --dist loadgroup every xdist_group test
+    must carry its group in its node id, which is how pytest-xdist keeps a group on one worker."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup is not grouping {len(lost)} test(s), e.g. {lost[0]}: {LOADGROUP_BROKEN}?")
+
+
 def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
