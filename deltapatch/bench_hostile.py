@@ -38,14 +38,15 @@ from deltapatch.bench_serve import (
     BenchServeSettings,
     Payloads,
     ServerProcess,
+    client_headers,
     free_port,
     markdown_table,
     percentile,
+    run_settings,
+    served_tasks,
 )
-from deltapatch.config import section
 from deltapatch.data.images import encode_png
-from deltapatch.errors import DeltapatchError
-from deltapatch.serve import ServeSettings, serve_settings, serve_token
+from deltapatch.serve import ServeSettings, serve_settings
 
 ATTACK_KINDS = ("slow-sender", "too-many-items", "pixel-flood", "csrf-text-plain", "foreign-host")
 # What the server must answer each attack; a slow sender may still be trickling when the phase ends
@@ -194,12 +195,13 @@ def summarise(samples: list[Sample], settings: BenchServeSettings) -> pd.DataFra
         health = _latencies_ms(measured, "health")
         failed_probes = sum(1 for s in measured if s.kind == "health" and s.status != 200)
         p99 = percentile(health, 99)
+        good_ms = _latencies_ms(good, "good")
         rows += [
             (f"{phase}: good requests" + (" (while the floods ran)" if phase == "hostile" else ""), len(good), "", None),
             (f"{phase}: good requests not answered 200", len(good) - len(ok), "0", len(good) == len(ok)),
             (f"{phase}: good images/s", round(throughput[phase], 1), "", None),
-            (f"{phase}: good latency p50 ms", round(percentile(_latencies_ms(good, "good"), 50), 1), "", None),
-            (f"{phase}: good latency p99 ms", round(percentile(_latencies_ms(good, "good"), 99), 1), "", None),
+            (f"{phase}: good latency p50 ms", round(percentile(good_ms, 50), 1), "", None),
+            (f"{phase}: good latency p99 ms", round(percentile(good_ms, 99), 1), "", None),
             (f"{phase}: /health probes not answered 200", f"{failed_probes} of {len(health) + failed_probes}", "0",
              failed_probes == 0),
             (f"{phase}: /health p50 ms", round(percentile(health, 50), 1), "", None),
@@ -234,23 +236,16 @@ def attack_table(samples: list[Sample]) -> pd.DataFrame:
 def run_bench_hostile(params: dict[str, Any], out_dir: Path, **overrides: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the benchmark (module docstring); `overrides` replace bench_serve settings (clients=…).
     Returns (metrics, attacks) and writes OUT/bench-hostile.csv, attacks.csv and bench-hostile.md."""
-    raw = {**(params.get("bench_serve") or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    settings = section({"bench_serve": raw}, "bench_serve", BenchServeSettings)
+    settings = run_settings(params, overrides)
     limits = serve_settings(params)
-    token = serve_token(limits)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = client_headers(params)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     server = ServerProcess(params, free_port(), out_dir / "server.log")
     try:
-        listed = server.wait_healthy(settings.startup_timeout, headers)
-        tasks = sorted(t for t in listed if t not in ("base", "refused", "unavailable"))
-        if not tasks:
-            raise DeltapatchError("no champion patch is served; promote one first (deltapatch run PATH) "
-                                  "so the benchmark can send mixed-task batches")
+        tasks = served_tasks(server, settings, headers)
         payloads = Payloads(params, tasks, settings.batch)
-        tiny = payloads.good[0].split(b'"image": "', 1)[1].split(b'"', 1)[0].decode()
-        attacks = Attacks(limits, tiny)
+        attacks = Attacks(limits, payloads.pngs[0])
         cpu: dict[str, tuple[float, float]] = {}  # phase → (server CPU s, this process's CPU s)
         samples: list[Sample] = []
         for phase, attacking in (("calm", None), ("hostile", attacks)):

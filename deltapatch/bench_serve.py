@@ -219,6 +219,7 @@ class Payloads:
         self.batch_images = np.ascontiguousarray(images[:batch]) if len(images) >= batch else np.resize(
             images, (batch, *images.shape[1:]))
         pngs = [base64.b64encode(encode_png(img)).decode() for img in images]
+        self.pngs = pngs  # base64 PNGs of real images, for other request bodies (bench_hostile)
         routes = ["base", *tasks]
         self.good = [_body([(routes[(i + j) % len(routes)], pngs[(i * batch + j) % len(pngs)]) for j in range(batch)])
                      for i in range(8)]
@@ -363,24 +364,40 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def run_settings(params: dict[str, Any], overrides: dict[str, Any]) -> BenchServeSettings:
+    """params.yaml `bench_serve:` with the given overrides (None: keep the file's value)."""
+    raw = {**(params.get("bench_serve") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return section({"bench_serve": raw}, "bench_serve", BenchServeSettings)
+
+
+def client_headers(params: dict[str, Any]) -> dict[str, str]:
+    """The bearer token a client of the served app sends (none when serving without one)."""
+    token = serve_token(serve_settings(params))
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def served_tasks(server: ServerProcess, settings: BenchServeSettings, headers: dict[str, str]) -> list[str]:
+    """The patched tasks the started server serves, once it answers; refused when it serves none."""
+    listed = server.wait_healthy(settings.startup_timeout, headers)
+    tasks = sorted(t for t in listed if t not in ("base", "refused", "unavailable"))
+    if not tasks:
+        raise DeltapatchError("no champion patch is served; promote one first (deltapatch run PATH) "
+                              "so the benchmark can send mixed-task batches")
+    return tasks
+
+
 def run_bench_serve(params: dict[str, Any], out_dir: Path, **overrides: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the benchmark (module docstring); `overrides` replace bench_serve settings (clients=…).
     Returns (metrics, status counts) and writes OUT/bench-serve.csv, status.csv and bench-serve.md."""
-    raw = {**(params.get("bench_serve") or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    settings = section({"bench_serve": raw}, "bench_serve", BenchServeSettings)
-    token = serve_token(serve_settings(params))
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    settings = run_settings(params, overrides)
+    headers = client_headers(params)
     poll = float(registry_settings(params).poll_seconds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rollback: dict[str, Any] = {}
     server = ServerProcess(params, free_port(), out_dir / "server.log")
     try:
-        listed = server.wait_healthy(settings.startup_timeout, headers)
-        tasks = sorted(t for t in listed if t not in ("base", "refused", "unavailable"))
-        if not tasks:
-            raise DeltapatchError("no champion patch is served; promote one first (deltapatch run PATH) "
-                                  "so the benchmark can send mixed-task batches")
+        tasks = served_tasks(server, settings, headers)
         payloads = Payloads(params, tasks, settings.batch)
         load_before = os.getloadavg()[0]
         meter = ForwardCeiling(params, payloads.batch_images, settings.ceiling_repeats)

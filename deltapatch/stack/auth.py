@@ -9,7 +9,8 @@ Each server keeps its own mechanism (no proxy of ours in front of them):
   ``<project>/.deltapatch/stack/mlflow-auth.db``; the admin user is created at its first start with
   the generated password (MLflow ships none), ``default_permission`` is NO_PERMISSIONS, so a user
   other than the admin sees nothing. Clients send ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``.
-  ``/health`` and the UI's static files answer without credentials (MLflow's choice: they carry no data).
+  ``/health``, the UI's static files and ``server-info`` answer without credentials (MLflow's choice:
+  they carry no data).
 
 The secrets are generated once by :func:`create_credentials` into ``credentials.json`` (mode 0600,
 refused when group or others can read it). `stack up` on a host beyond loopback refuses to start
@@ -35,12 +36,6 @@ AUTH_CONFIG_FILE = "mlflow-auth.ini"
 AUTH_DB_FILE = "mlflow-auth.db"
 PREFECT_USER = "deltapatch"
 MLFLOW_ADMIN = "deltapatch-admin"
-# Environment variables of the servers alone: a client (a flow run, the serving app) never needs them.
-SERVER_ONLY = {
-    "prefect": ("PREFECT_SERVER_API_AUTH_STRING",),
-    "mlflow": ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME",
-               "MLFLOW_AUTH_ADMIN_PASSWORD"),
-}
 
 
 @dataclass(frozen=True)
