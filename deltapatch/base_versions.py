@@ -28,7 +28,7 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
-from deltapatch.config import ConfigError, resolve_path, state_dir
+from deltapatch.config import ConfigError, state_dir
 from deltapatch.data.sources import base_eval_data
 from deltapatch.data.versioning import VersioningError
 from deltapatch.data.versioning.tracking import track_files
@@ -36,10 +36,13 @@ from deltapatch.errors import FingerprintMismatch, RegistryError
 from deltapatch.evaluate import pristine_logits
 from deltapatch.fingerprint import fingerprint
 from deltapatch.models.base import (
+    PACKAGE_PREFIX,
     BaseModel,
     BaseSettings,
     base_settings,
+    base_weights_path,
     load_base,
+    read_base_state,
     read_state_dict,
     sidecar_path,
     write_sidecar,
@@ -53,7 +56,7 @@ from deltapatch.train import Normalizer, accuracy
 
 log = logging.getLogger(__name__)
 
-ARCH_KEYS = ("arch", "small_input_stem", "stem_stride", "input_size", "mean", "std")
+ARCH_KEYS = ("arch", "small_input_stem", "stem_stride", "input_size", "mean", "std", "interpolation", "crop_pct")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
@@ -102,8 +105,8 @@ def fetch_base(params: dict[str, Any], version: int) -> Path:
 
 
 def local_fingerprint(params: dict[str, Any]) -> str:
-    path = resolve_path(params, base_settings(params).weights)
-    return fingerprint(read_state_dict(path)) if path.is_file() else ""
+    path = base_weights_path(params)
+    return fingerprint(read_base_state(path, base_settings(params))) if path.is_file() else ""
 
 
 def base_params(params: dict[str, Any], version: int | str) -> dict[str, Any]:
@@ -135,12 +138,12 @@ def register_weights(params: dict[str, Any], weights: str | Path, arch: str | No
     src = Path(weights).expanduser().resolve()
     if not src.is_file():
         raise ConfigError(f"{src}: no such weights file; pass the .safetensors (or .pt state dict) of the new base")
-    state = read_state_dict(src)
     settings = asdict(base_settings(params))
     side = bases._json(sidecar_path(src).read_text(), {}) if sidecar_path(src).is_file() else {}
     settings.update({k: v for k, v in (side.get("settings") or {}).items() if k in ARCH_KEYS})
     if arch:
         settings["arch"] = arch
+    state = _state_for_registry(src, BaseSettings(**settings))
     fp = fingerprint(state)
     stage = state_dir(params) / "bases" / "incoming" / fp.removeprefix("sha256:")[:16]
     stage.mkdir(parents=True, exist_ok=True)
@@ -163,11 +166,20 @@ def register_weights(params: dict[str, Any], weights: str | Path, arch: str | No
     return bases.get_base(params, version)
 
 
+def _state_for_registry(src: Path, settings: BaseSettings) -> dict[str, torch.Tensor]:
+    """The file's tensors under the architecture's names (read_base_state); a file whose names are the
+    definition's but that does not fit is left to load_base_files, which says which architecture to pass."""
+    try:
+        return read_base_state(src, settings)
+    except ConfigError:
+        return read_state_dict(src)
+
+
 def _class_names(params: dict[str, Any], state: dict[str, torch.Tensor]) -> list[str]:
     """The project base's class names when the new classifier has as many outputs, else 0..K-1."""
     linear = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     count = int(linear[-1].shape[0]) if linear else 0
-    sidecar = sidecar_path(resolve_path(params, base_settings(params).weights))
+    sidecar = sidecar_path(base_weights_path(params))
     names = bases._json(sidecar.read_text(), {}).get("class_names", []) if sidecar.is_file() else []
     return list(names) if len(names) == count else [str(i) for i in range(count)]
 
@@ -206,7 +218,7 @@ def adopt(params: dict[str, Any]) -> bases.BaseVersion:
 def _track_local(params: dict[str, Any], version: int, message: str) -> str:
     """DVC-track base.weights (+ sidecar) and tag the version with the commit; '' when it cannot be
     tracked (e.g. outside the project): the registry still holds the weights."""
-    weights = resolve_path(params, base_settings(params).weights).resolve()
+    weights = base_weights_path(params).resolve()
     files = [weights] + ([sidecar_path(weights)] if sidecar_path(weights).is_file() else [])
     try:
         commit = track_files(params, files, message)
@@ -220,8 +232,14 @@ def _track_local(params: dict[str, Any], version: int, message: str) -> str:
 def _install_local(params: dict[str, Any], version: int) -> str:
     """Make base.weights (and its sidecar) the registered base `version`; track it with DVC."""
     if local_fingerprint(params) != bases.get_base(params, version).fingerprint:
+        if base_settings(params).weights.startswith(PACKAGE_PREFIX):
+            raise ConfigError(
+                f"params.yaml base.weights '{base_settings(params).weights}' is a file inside an installed package, "
+                f"which deltapatch does not overwrite; set base.weights to a project path (e.g. "
+                f"models/base.safetensors) to put base v{version} in service"
+            )
         src = fetch_base(params, version)
-        dst = resolve_path(params, base_settings(params).weights)
+        dst = base_weights_path(params)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".incoming")
         state = read_state_dict(src)

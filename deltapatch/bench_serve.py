@@ -39,11 +39,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from deltapatch.config import ConfigError, project_root, resolve_path, section
+from deltapatch.config import ConfigError, project_root, section
 from deltapatch.data.images import encode_png
 from deltapatch.data.sources import base_eval_data
 from deltapatch.errors import DeltapatchError
-from deltapatch.models.base import load_base
+from deltapatch.models.base import base_weights_path, load_base
 from deltapatch.registry import registry as R
 from deltapatch.registry.runtime import Predictor
 from deltapatch.registry.tracking import registry_settings
@@ -429,7 +429,7 @@ def run_bench_serve(params: dict[str, Any], out_dir: Path, **overrides: Any) -> 
         server.stop()
         if rollback.get("done") is not None:
             R.promote(params, rollback["task"], rollback["from_version"], reason="bench-serve: restore after rollback")
-    weights = resolve_path(params, params["base"]["weights"])
+    weights = base_weights_path(params)
     rss_limit = weights.stat().st_size / 2**20 * RSS_FACTOR + RSS_EXTRA_MB
     metrics = summarise(outcomes, settings, ceiling, rollback, rss, rss_limit, poll)
     statuses = status_table(outcomes)

@@ -25,12 +25,12 @@ from typing import Any
 import yaml
 
 from deltapatch import prefect_api, stack
-from deltapatch.config import load_params, project_root, resolve_path, state_dir
+from deltapatch.config import load_params, project_root, state_dir
 from deltapatch.data import builtin
 from deltapatch.data.versioning import ensure_project_repo
 from deltapatch.errors import DeltapatchError
 from deltapatch.inbox import PATCH_TASK_DEPLOYMENT, submit
-from deltapatch.models.base import sidecar_path
+from deltapatch.models.base import base_weights_path, sidecar_path
 from deltapatch.models.pretrain import ensure_base
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -58,10 +58,10 @@ def prepare_project(src_params: dict[str, Any], folder: Path, say: Callable[[str
 
 
 def _base_weights(src: dict[str, Any], params: dict[str, Any], say: Callable[[str], None]) -> None:
-    target = resolve_path(params, params["base"]["weights"])
+    target = base_weights_path(params)
     if target.exists():
         return
-    source = resolve_path(src, src["base"]["weights"])
+    source = base_weights_path(src)
     same_base = {k: v for k, v in src["base"].items() if k != "weights"} == {
         k: v for k, v in params["base"].items() if k != "weights"}
     if source.exists() and same_base and source.resolve() != target.resolve():

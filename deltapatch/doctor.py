@@ -21,13 +21,14 @@ from deltapatch import stack
 from deltapatch.access import prefect_headers
 from deltapatch.automations import zombie_automation_state
 from deltapatch.bench import BenchSettings
-from deltapatch.config import STATE_DIR, ConfigError, load_params, resolve_path, section, state_dir
+from deltapatch.config import STATE_DIR, ConfigError, load_params, section, state_dir
+from deltapatch.data.probe import PROBE_PREFIX
 from deltapatch.data.sources import base_eval_data
 from deltapatch.data.versioning import check_remote, data_settings
 from deltapatch.errors import DeltapatchError
 from deltapatch.faults import fault_settings
 from deltapatch.gate import gate_settings
-from deltapatch.models.base import base_settings, load_base, sidecar_path
+from deltapatch.models.base import base_settings, base_weights_path, load_base, sidecar_path
 from deltapatch.models.pretrain import PretrainSettings, is_embedded_base
 from deltapatch.patching import DeltaSettings
 from deltapatch.registry import store, tracking
@@ -75,7 +76,7 @@ def check_params(params: dict[str, Any]) -> Check:
 
 def check_base(params: dict[str, Any]) -> Check:
     settings = base_settings(params)
-    weights = resolve_path(params, settings.weights)
+    weights = base_weights_path(params)
     if not weights.is_file():
         fix = ("`deltapatch pretrain` (any command that needs the base also pre-trains it)" if is_embedded_base(params)
                else f"put your base weights at {weights}, or point base.weights in params.yaml at them")
@@ -84,7 +85,10 @@ def check_base(params: dict[str, Any]) -> Check:
         base = load_base(params)
     except DeltapatchError as exc:
         return Check("base", FAIL, str(exc).splitlines()[0], "fix base.arch/base.weights in params.yaml")
-    return Check("base", OK, f"{settings.arch} {base.fingerprint.removeprefix('sha256:')[:12]}, {_base_accuracy(params, base)}")
+    shape = (f"{base.total_params / 1e6:.2f} M parameters, {len(base.class_names)} classes, input {settings.input_size} px "
+             f"mean {settings.mean} std {settings.std}")
+    return Check("base", OK, f"{settings.arch} {base.fingerprint.removeprefix('sha256:')[:12]}, {shape}, "
+                             f"{_base_accuracy(params, base)}")
 
 
 def _base_accuracy(params: dict[str, Any], base: Any) -> str:
@@ -95,6 +99,10 @@ def _base_accuracy(params: dict[str, Any], base: Any) -> str:
             return f"test acc {float(acc):.3f} (pre-training)"
     data = base_eval_data(params)
     norm = Normalizer(base.settings.mean, base.settings.std, torch.device("cpu"))
+    if base.settings.eval_set.startswith(PROBE_PREFIX):
+        agreement = accuracy(predict_logits(base.model, data.test, norm), data.test.labels)
+        return (f"no labelled base-task data: agreement with its own top-1 on {base.settings.eval_set} "
+                f"{agreement:.3f} ({len(data.test)} images; the gate checks bit-identity there)")
     return f"test acc {accuracy(predict_logits(base.model, data.test, norm), data.test.labels):.3f} ({base.settings.eval_set})"
 
 

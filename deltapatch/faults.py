@@ -173,17 +173,21 @@ def base_fingerprint(params: dict[str, Any]) -> str:
     """The base model's fingerprint (its state dict), cached per weights file, size and mtime."""
     # The CLI's `stack` commands import this module and must not load torch:
     from deltapatch.fingerprint import fingerprint  # lazy: imports torch
-    from deltapatch.models.base import base_settings, read_state_dict  # lazy: imports torch
+    from deltapatch.models.base import (  # lazy: imports torch
+        base_settings,
+        base_weights_path,
+        read_base_state,
+    )
     from deltapatch.models.pretrain import missing_base_error  # lazy: imports torch
 
-    weights = resolve_path(params, base_settings(params).weights)
+    weights = base_weights_path(params)
     try:
         stat = weights.stat()
     except OSError:
         raise missing_base_error(params, "nothing was trained") from None
     cache_key = (str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
     if cache_key not in _fingerprints:
-        _fingerprints[cache_key] = fingerprint(read_state_dict(weights))
+        _fingerprints[cache_key] = fingerprint(read_base_state(weights, base_settings(params)))
     return _fingerprints[cache_key]
 
 

@@ -24,7 +24,7 @@ from deltapatch.delta.importance import with_importance_ranks
 from deltapatch.delta.kinds.lowrank import IMPORTANCE, LowRankConfig
 from deltapatch.delta.patch import PatchMeta, patch_bytes, save_patch
 from deltapatch.evaluate import BaseCheck, base_check, pristine_logits
-from deltapatch.models.base import BaseModel, load_base
+from deltapatch.models.base import BaseModel, load_base, preprocessing
 from deltapatch.train import (
     EpochRecord,
     FitResult,
@@ -153,7 +153,7 @@ def train_patch(params: dict[str, Any], data: TaskData, *, out_dir: Path, kind: 
         task=task, class_names=data.class_names, delta_kind=kind, delta_config=net.task_configs[task].to_dict(),
         base_arch=session.base.settings.arch, base_fingerprint=net.base_fingerprint,
         input_size=session.base.settings.input_size, mean=session.base.settings.mean, std=session.base.settings.std,
-        data_version=data_version,
+        data_version=data_version, preprocessing=preprocessing(session.base.settings),
     )
     meta.metrics = {
         "patch_acc": test_acc,

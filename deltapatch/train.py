@@ -41,6 +41,18 @@ class TrainSettings:
     device: str = "auto"
     amp: bool = True
     threads: int = 0
+    # At most this many validation passes per training, spread evenly, the last epoch always (null:
+    # after every epoch). Few-shot runs meet min_steps with hundreds of one-step epochs, where a
+    # validation pass per epoch would cost more than the training itself.
+    val_points: int | None = None
+
+    def validates_after(self, epoch: int, epochs: int) -> bool:
+        """Whether the loop scores validation after `epoch` (1-based) of `epochs`."""
+        if self.val_points is None or self.val_points >= epochs:
+            return True
+        if self.val_points < 1:
+            raise ValueError(f"train.val_points must be ≥ 1 or null, got {self.val_points}")
+        return epoch == epochs or epoch * self.val_points // epochs != (epoch - 1) * self.val_points // epochs
 
     def planned_epochs(self, n_train: int, epochs: int | None = None) -> int:
         """Epochs to run: `epochs` (default self.epochs), raised until `min_steps` steps are taken."""
@@ -189,7 +201,8 @@ def fit(trainable: Trainable, data: TaskData, settings: TrainSettings, norm: Nor
         # One augmentation stream per epoch: a resumed run draws exactly what it would have drawn.
         augment = random_affine(settings.augment_translate, settings.augment_scale,
                                 torch.Generator().manual_seed(seed * 100_003 + epoch + 1))
-        record = _train_epoch(trainable, data, settings, norm, optimizer, scheduler, generator, epoch, augment)
+        record = _train_epoch(trainable, data, settings, norm, optimizer, scheduler, generator, epoch, augment,
+                              validate=settings.validates_after(epoch + 1, epochs))
         result.history.append(record)
         bar.set_postfix(loss=f"{record.train_loss:.3f}", val_acc=f"{record.val_acc:.3f}")
         if checkpoint is not None:
@@ -234,7 +247,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 def _train_epoch(trainable: Trainable, data: TaskData, settings: TrainSettings, norm: Normalizer,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  generator: torch.Generator, epoch: int,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochRecord:
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, validate: bool = True) -> EpochRecord:
+    """One epoch; val_acc is NaN when `validate` is False (train.val_points)."""
     module = trainable.module
     module.train()
     started = time.perf_counter()
@@ -255,7 +269,7 @@ def _train_epoch(trainable: Trainable, data: TaskData, settings: TrainSettings, 
         torch.cuda.synchronize(norm.device)
     seconds = time.perf_counter() - started
     module.eval()
-    val_acc = accuracy(predict_logits(module, data.val, norm, amp=settings.amp), data.val.labels)
+    val_acc = accuracy(predict_logits(module, data.val, norm, amp=settings.amp), data.val.labels) if validate else math.nan
     return EpochRecord(epoch + 1, loss_sum / seen, correct / seen, val_acc, seconds)
 
 

@@ -59,3 +59,13 @@ def test_interrupted_training_resumes_from_the_checkpoint_to_the_same_weights(tm
     assert result.resumed_from_epoch == 2 and [r.epoch for r in result.history] == [3, 4]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_val_points_spread_the_validation_passes_and_always_score_the_last_epoch() -> None:
+    from deltapatch.train import TrainSettings
+
+    settings = TrainSettings(val_points=4)
+    chosen = [epoch for epoch in range(1, 201) if settings.validates_after(epoch, 200)]
+    assert chosen == [50, 100, 150, 200]
+    assert [e for e in range(1, 4) if settings.validates_after(e, 3)] == [1, 2, 3]  # fewer epochs than points
+    assert all(TrainSettings().validates_after(e, 7) for e in range(1, 8))  # null: every epoch

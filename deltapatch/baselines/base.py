@@ -20,7 +20,7 @@ import contextlib
 import copy
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +31,7 @@ from torch import nn
 from deltapatch.data.dataset import TaskData
 from deltapatch.delta.network import final_linear_name
 from deltapatch.models.base import BaseModel
-from deltapatch.train import Normalizer, Trainable
+from deltapatch.train import Normalizer, Trainable, TrainSettings
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,6 +46,12 @@ class BenchContext:
     base_data: TaskData
     reference_logits: torch.Tensor  # pristine base logits on base_data.test, (N_base, K_base)
     device: torch.device
+    # The run's training recipe (the bench's epochs and step budget applied): what an importance pilot
+    # trains with. None: params.yaml `train:` as is.
+    recipe: TrainSettings | None = None
+    # Importance ranks per (task, Δ kind, seed): the pilot does not depend on the lr, so the points of
+    # the lr grid share one pilot instead of running one each.
+    pilot_ranks: dict[tuple[str, str, int], Any] = field(default_factory=dict)
 
 
 @dataclass

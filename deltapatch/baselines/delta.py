@@ -19,6 +19,7 @@ from deltapatch.data.dataset import TaskData
 from deltapatch.delta import BASE, DeltaNetwork, make_config
 from deltapatch.delta.importance import with_importance_ranks
 from deltapatch.delta.patch import PatchMeta, patch_bytes, save_patch
+from deltapatch.models.base import preprocessing
 from deltapatch.patching import DeltaSettings, patch_trainable
 from deltapatch.train import Trainable, TrainSettings
 
@@ -45,10 +46,16 @@ class DeltaMethod(Method):
         self.task = data.name
         # DeltaNetwork wraps in place: wrap a copy, so the shared pristine base stays unwrapped.
         self.net = DeltaNetwork(copy.deepcopy(self.context.base.model))
-        # `allocation: importance`: the pilot trains with params.yaml `train:` (not the bench's lr point)
-        config = with_importance_ranks(self.net, self.task, data, make_config(self.kind, self.options()),
-                                       section(self.context.params, "train", TrainSettings), self.context.norm,
-                                       seed=int(self.context.params.get("seed", 0)))
+        # `allocation: importance`: the pilot trains with the run's recipe at train.lr (not the lr point),
+        # once per task and kind: every lr point of the grid reuses its ranks.
+        seed = int(self.context.params.get("seed", 0))
+        key = (self.task, self.kind, seed)
+        config = self.context.pilot_ranks.get(key)
+        if config is None:
+            recipe = self.context.recipe or section(self.context.params, "train", TrainSettings)
+            config = with_importance_ranks(self.net, self.task, data, make_config(self.kind, self.options()),
+                                           recipe, self.context.norm, seed=seed)
+            self.context.pilot_ranks[key] = config
         self.net.add_task(self.task, data.num_classes, config)
         self.class_names = data.class_names
         return patch_trainable(self.net, self.task)
@@ -70,7 +77,7 @@ class DeltaMethod(Method):
             task=self.task, class_names=self.class_names, delta_kind=self.kind,
             delta_config=self.net.task_configs[self.task].to_dict(), base_arch=base.settings.arch,
             base_fingerprint=self.net.base_fingerprint, input_size=base.settings.input_size,
-            mean=base.settings.mean, std=base.settings.std,
+            mean=base.settings.mean, std=base.settings.std, preprocessing=preprocessing(base.settings),
         )
         save_patch(self.net, meta, Path(out_dir))
         return patch_bytes(Path(out_dir))

@@ -41,15 +41,23 @@ class LoraSettings(MethodSettings):
     lora_dropout: float = 0.0
 
 
+def peft_can_wrap(conv: nn.Module) -> bool:
+    """Whether PEFT's LoRA can wrap `conv`: a plain nn.Conv2d, ungrouped. Its Conv2d layer rebuilds the
+    base layer's class with nn.Conv2d's arguments, which timm's Conv2dSame (TF-"same" padding, the
+    stride-2 convolutions of tf_efficientnet_*) does not take, and it refuses a rank not divisible by
+    the groups (depthwise convolutions). Those stay frozen under PEFT (a bench note says how many)."""
+    return type(conv) is nn.Conv2d and conv.groups == 1
+
+
 def conv_names(module: nn.Module) -> list[str]:
-    return [name for name, child in module.named_modules() if isinstance(child, nn.Conv2d)]
+    return [name for name, child in module.named_modules() if isinstance(child, nn.Conv2d) and peft_can_wrap(child)]
 
 
 def lora_param_count(module: nn.Module, r: int) -> int:
     """LoRA parameters PEFT adds to each ungrouped Conv2d (A: r×C_in×k×k, B: C_out×r×1×1)."""
     total = 0
     for child in module.modules():
-        if isinstance(child, nn.Conv2d):
+        if isinstance(child, nn.Conv2d) and peft_can_wrap(child):  # what conv_names targets
             k = child.kernel_size[0] * child.kernel_size[1]
             total += r * child.in_channels // child.groups * k + child.out_channels * r
     return total
@@ -78,6 +86,8 @@ class PeftLora(Method):
             target_modules=[f"backbone.{n}" for n in conv_names(classifier.backbone)],
             modules_to_save=["head"],
         )
+        convs = [child for child in classifier.backbone.modules() if isinstance(child, nn.Conv2d)]
+        self.skipped_convs = sum(1 for child in convs if not peft_can_wrap(child))
         self.classifier: Classifier = classifier
         self.bn_before = bn_statistics(classifier.backbone)
         self.model = get_peft_model(classifier, config)

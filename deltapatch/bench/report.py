@@ -12,8 +12,9 @@ from typing import Any
 
 import matplotlib
 import pandas as pd
+from scipy import stats
 
-from deltapatch.bench.settings import COLUMNS, REFERENCE_METHOD, BenchSettings
+from deltapatch.bench.settings import COLUMNS, REFERENCE_METHOD, SHIFT_COLUMNS, BenchSettings
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -149,6 +150,90 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
+# ---------------------------------------------------------------- zero-shot domain shift
+def shift_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per method: clean test accuracy and each shifted copy's (mean over tasks and seeds), and the
+    mean drop from clean to shifted: how far each method's patch generalises beyond its domain."""
+    columns = [c for c in SHIFT_COLUMNS.values() if c in frame and frame[c].notna().any()]
+    means = frame.groupby("method", sort=False)[["patch_acc", *columns]].mean()
+    means["mean drop"] = means["patch_acc"] - means[columns].mean(axis=1)
+    return means.rename(columns={c: c.removeprefix("shift_").removesuffix("_acc") for c in columns}).reset_index()
+
+
+# ---------------------------------------------------------------- few-shot (bench --shots)
+SHOTS_COMPARED = (REFERENCE_METHOD, "paint", "peft-lora")  # the default Δ − each of these, paired
+
+
+def _shots_name(k: float) -> str:
+    return "full" if int(k) == 0 else f"K={int(k)}"
+
+
+def _shot_order(frame: pd.DataFrame) -> list[float]:
+    """K ascending, the whole training split (0) last."""
+    return sorted(frame["shots"].dropna().unique(), key=lambda k: (k == 0, k))
+
+
+def paired_interval(diffs: pd.Series) -> str:
+    """'mean [low, high]': the 95 % t-interval of paired differences (n − 1 degrees of freedom)."""
+    n = len(diffs)
+    if n < 2:
+        return f"{diffs.mean():+.3f} (n={n})" if n else ""
+    half = float(stats.t.ppf(0.975, n - 1)) * float(diffs.std(ddof=1)) / math.sqrt(n)
+    return f"{diffs.mean():+.3f} [{diffs.mean() - half:+.3f}, {diffs.mean() + half:+.3f}] (n={n})"
+
+
+def shots_table(frame: pd.DataFrame, default_method: str) -> pd.DataFrame:
+    """Rows: each method's test accuracy per K (mean ± std over seeds of the mean over tasks), then the
+    default Δ minus full-ft, PAINT and PEFT LoRA, paired per (task, seed), with a 95 % interval."""
+    rows = frame[frame["shots"].notna()]
+    order = _shot_order(rows)
+    table: list[dict[str, str]] = []
+    for method in dict.fromkeys(rows["method"]):
+        mine = rows[rows["method"] == method]
+        cells = {"method": method}
+        for k in order:
+            per_seed = mine[mine["shots"] == k].groupby("seed")["patch_acc"].mean()
+            cells[_shots_name(k)] = _mean_std(per_seed) if len(per_seed) else ""
+        table.append(cells)
+    indexed = rows.set_index(["method", "task", "seed"])["patch_acc"]
+    for other in SHOTS_COMPARED:
+        if other == default_method or other not in set(rows["method"]) or default_method not in set(rows["method"]):
+            continue
+        cells = {"method": f"{default_method} − {other} (paired, 95 % CI)"}
+        for k in order:
+            tasks = rows.loc[rows["shots"] == k, "task"].unique()
+            diffs = (indexed.loc[default_method] - indexed.loc[other]).dropna()
+            diffs = diffs[diffs.index.get_level_values("task").isin(tasks)]
+            cells[_shots_name(k)] = paired_interval(diffs)
+        table.append(cells)
+    return pd.DataFrame(table)
+
+
+def write_shots_plot(frame: pd.DataFrame, path: Path) -> None:
+    """bench_shots.png: test accuracy against training images per class, one line per method
+    (mean over tasks, ± std over seeds); the whole training split drawn right of the largest K."""
+    rows = frame[frame["shots"].notna()].copy()
+    order = _shot_order(rows)
+    full_x = 2 * max([k for k in order if k] or [1])  # where "full" sits when its size is not recorded
+    rows["x"] = rows["shots"].where(rows["shots"] != 0, full_x)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, method in enumerate(dict.fromkeys(rows["method"])):
+        mine = rows[rows["method"] == method]
+        per_seed = mine.groupby(["x", "seed"])["patch_acc"].mean().groupby("x")
+        mean, std = per_seed.mean(), per_seed.std(ddof=1).fillna(0.0)
+        ax.errorbar(mean.index, mean.values, yerr=std.values, marker="osD^v<>ph"[i % 9], capsize=3, label=method)
+    ax.set_xscale("log")
+    ticks = [full_x if k == 0 else k for k in order]
+    ax.set_xticks(ticks, [_shots_name(k).removeprefix("K=") for k in order])
+    ax.set(xlabel="training images per class", ylabel="test accuracy (mean over tasks)",
+           title="accuracy against shots (± std over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_markdown(frame: pd.DataFrame, notes: list[str], path: Path, *, default_method: str,
                    bench: BenchSettings, quick: bool, base_untouched: bool, overrides: list[str] | None = None) -> None:
     """bench.md: settings, accuracy mean ± std, per-method means, the target check, all rows, notes."""
@@ -164,6 +249,10 @@ def write_markdown(frame: pd.DataFrame, notes: list[str], path: Path, *, default
         f"{bench.latency_batch} × {bench.latency_repeats} repeats; tasks: {', '.join(dict.fromkeys(frame['task']))}"
         + (f"; overrides: {' '.join(f'--set {o}' for o in overrides)}" if overrides else ""),
         "## Patch accuracy (test), mean ± std over seeds", _table(accuracy_table(frame)),
+        *(["## Zero-shot domain shift (test sets blurred, low-contrast, inverted; never trained on)",
+           _table(shift_table(frame))] if any(frame[c].notna().any() for c in SHIFT_COLUMNS.values()) else []),
+        *(["## Accuracy against shots (training images per class; bench_shots.png)",
+           _table(shots_table(frame, default_method))] if frame["shots"].notna().any() else []),
         "## Mean over tasks and seeds", _table(means),
         f"## Targets for the default Δ kind ({default_method})",
         "| target | result | measured |\n|---|---|---|",

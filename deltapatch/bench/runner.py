@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import statistics
@@ -30,11 +31,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from deltapatch.baselines import METHODS, BenchContext, Method
-from deltapatch.bench.report import Curves, write_csv, write_markdown, write_plot
-from deltapatch.bench.settings import COLUMNS, REFERENCE_METHOD, BenchSettings
+from deltapatch.bench.report import Curves, write_csv, write_markdown, write_plot, write_shots_plot
+from deltapatch.bench.settings import COLUMNS, REFERENCE_METHOD, SHIFT_COLUMNS, BenchSettings
 from deltapatch.config import ConfigError, section
 from deltapatch.data.dataset import TaskData
-from deltapatch.data.sources import base_eval_data, capped, resolve_task
+from deltapatch.data.shifts import shifted
+from deltapatch.data.sources import base_eval_data, capped, resolve_task, with_shots
+from deltapatch.delta.budget import BudgetError
 from deltapatch.errors import DeltapatchError
 from deltapatch.evaluate import pristine_logits
 from deltapatch.models.base import load_base
@@ -50,6 +53,8 @@ from deltapatch.train import (
     predict_logits,
     resolve_device,
 )
+
+log = logging.getLogger(__name__)
 
 HISTORIES = "histories.jsonl"  # per chosen run: its validation curve, for the time-to-accuracy column
 
@@ -143,6 +148,8 @@ def measure(run: TrainedRun, data: TaskData, context: BenchContext, bench: Bench
     """Everything in COLUMNS for the chosen run: test accuracy, base route, size, speed."""
     method, norm = run.method, context.norm
     patch_acc = accuracy(predict_logits(method.task_forward(), data.test, norm), data.test.labels)
+    shift_accs = {SHIFT_COLUMNS[name]: accuracy(predict_logits(method.task_forward(), shifted(data.test, name), norm),
+                                                data.test.labels) for name in bench.shifts}
     base_logits = predict_logits(method.base_forward(), context.base_data.test, norm)
     labels = context.base_data.test.labels
     base_acc = accuracy(base_logits, labels)
@@ -164,7 +171,7 @@ def measure(run: TrainedRun, data: TaskData, context: BenchContext, bench: Bench
         "latency_ratio_merged": merged, "latency_ratio_unmerged": unmerged,
         "seed": seed, "lr": run.lr, "val_acc": run.val_acc, "epochs_run": len(history),
         "train_seconds": run.train_seconds, "time_to_full_ft_val_ratio": math.nan,
-        "step_time_ratio_paired": step_ratio,
+        "step_time_ratio_paired": step_ratio, **shift_accs,
     }
     elapsed, curve = 0.0, []
     for record in history:
@@ -181,6 +188,9 @@ def _notes(method: Any) -> list[str]:
                      + ", ".join(f"{a:g}→{s:.3f}" for a, s in method.alpha_scores.items()) + ")")
     if hasattr(method, "base_bn_stats_changed"):
         notes.append(f"base BatchNorm running stats changed by training: max |Δ| = {method.base_bn_stats_changed():.4g}")
+    if getattr(method, "skipped_convs", 0):
+        notes.append(f"{method.skipped_convs} convolution(s) PEFT's LoRA cannot wrap (depthwise, timm Conv2dSame) "
+                     f"left frozen")
     return notes
 
 
@@ -253,8 +263,11 @@ def paired_latency_ratio(forward: Callable[[torch.Tensor], torch.Tensor], refere
 # ---------------------------------------------------------------- the whole benchmark
 def run_bench(params: dict[str, Any], methods: list[str] | None = None, tasks: list[str] | None = None,
               quick: bool = False, out_dir: Path = Path("bench-results"), progress: bool = True,
-              epochs: int | None = None, seeds: int | None = None, resume: bool = False) -> pd.DataFrame:
-    """Train and measure every method on every task and seed; write bench.csv/.md/.png; return the table.
+              epochs: int | None = None, seeds: int | None = None, resume: bool = False,
+              shots: list[int] | None = None) -> pd.DataFrame:
+    """Train and measure every method on every task, shot count and seed; write bench.csv/.md/.png;
+    return the table. `shots`: K training images per class (0: the whole split), each K a task of its
+    own in the table (`task-Kshot`); val and test are the task's, untouched.
 
     With `resume`, (method, task, seed) rows already in OUT/bench.csv are kept and not run again.
     """
@@ -263,10 +276,16 @@ def run_bench(params: dict[str, Any], methods: list[str] | None = None, tasks: l
         bench = dataclasses.replace(bench, epochs=epochs)
     if seeds is not None:
         bench = dataclasses.replace(bench, seeds=seeds)
+    if shots is not None:
+        bench = dataclasses.replace(bench, shots=shots)
+    shot_list = bench.shot_list()
     methods, task_specs = list(methods or bench.methods), list(tasks or bench.tasks)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise DeltapatchError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
+    if sorted(set(bench.shifts) - set(SHIFT_COLUMNS)):
+        raise ConfigError(f"params.yaml bench.shifts: unknown {sorted(set(bench.shifts) - set(SHIFT_COLUMNS))}; "
+                          f"known: {sorted(SHIFT_COLUMNS)}")
     first_seed = int(params.get("seed", 0))
     seed_list = bench.seed_list(first_seed)
     out_dir = Path(out_dir)
@@ -283,11 +302,16 @@ def run_bench(params: dict[str, Any], methods: list[str] | None = None, tasks: l
     shared_keys = [METHODS[m].training_key for m in methods if METHODS[m].training_key]
     cache = TrainingCache({k for k in shared_keys if shared_keys.count(k) > 1})
     runs: list[MethodRun] = []
+    refused: list[str] = []
     with tempfile.TemporaryDirectory(prefix="deltapatch-bench-") as workdir:
-        datasets = [capped(resolve_task(params, spec, Path(workdir)), bench, first_seed) for spec in task_specs]
-        jobs = [(d, m, s) for d in datasets for s in seed_list for m in methods if (m, d.name, s) not in finished]
+        datasets = [capped(resolve_task(params, spec, Path(workdir), bench.images_per_class), bench, first_seed)
+                    for spec in task_specs]
+        jobs = [(d, k, m, s) for d in datasets for k in shot_list for s in seed_list for m in methods
+                if (m, shots_label(d.name, k), s) not in finished]
         bar = tqdm(jobs, desc="bench", unit="run", disable=not progress)
-        for data, method, seed in bar:
+        for task_data, shots_k, method, seed in bar:
+            data = task_data if shots_k is None else dataclasses.replace(
+                with_shots(task_data, shots_k, seed), name=shots_label(task_data.name, shots_k))
             bar.set_postfix(task=data.name, method=method, seed=seed)
             grid = _grid(method, data.name, bench, chosen_lr)
 
@@ -295,10 +319,15 @@ def run_bench(params: dict[str, Any], methods: list[str] | None = None, tasks: l
                 return train_once(method, data, context, bench, train, lr=lr, seed=seed, cache=cache,
                                   progress=progress)
 
-            best, _ = select_by_validation(grid, train_at)
+            try:
+                best, _ = select_by_validation(grid, train_at)
+            except BudgetError as exc:  # this method cannot fit delta.budget_pct on this base: a finding, not a crash
+                refused.append(f"{method} / {data.name} / seed {seed}: not run, {exc}")
+                continue
             chosen_lr.setdefault((method, data.name), best.lr)
             run = measure(best, data, context, bench, out_dir, seed=seed, base_total=base_total,
                           base_file_bytes=base_file_bytes)
+            run.row["shots"] = math.nan if shots_k is None else shots_k
             runs.append(run)
             curves[(method, data.name, seed)] = run.curve
             with (out_dir / HISTORIES).open("a") as fh:
@@ -309,11 +338,21 @@ def run_bench(params: dict[str, Any], methods: list[str] | None = None, tasks: l
     untouched = all(torch.equal(v, context.base.model.state_dict()[k]) for k, v in base_state.items())
     frame = write_csv(done + [r.row for r in runs], curves, out_dir)
     default = f"delta-{section(params, 'delta', DeltaSettings).kind}"
-    write_markdown(frame, [note for r in runs for note in _labelled_notes(r)], out_dir / "bench.md",
+    for note in refused:
+        log.warning(note)
+    write_markdown(frame, refused + [note for r in runs for note in _labelled_notes(r)], out_dir / "bench.md",
                    default_method=default, bench=bench, quick=quick, base_untouched=untouched,
                    overrides=list(params.get("_overrides", [])))
     write_plot(frame, out_dir / "bench.png")
+    if frame["shots"].notna().any():
+        write_shots_plot(frame, out_dir / "bench_shots.png")
     return frame
+
+
+def shots_label(task: str, shots: int | None) -> str:
+    """The table's task name of a few-shot run: `fashion-mnist-5shot`, `fashion-mnist-full` (a valid
+    task name: each run trains a patch of that name)."""
+    return task if shots is None else f"{task}-{shots}shot" if shots else f"{task}-full"
 
 
 def _grid(method: str, task: str, bench: BenchSettings, chosen_lr: dict[tuple[str, str], float]) -> list[float]:
@@ -356,4 +395,6 @@ def open_context(params: dict[str, Any], bench: BenchSettings, *, seed: int,
     norm = Normalizer(base.settings.mean, base.settings.std, device)
     base_data = capped(base_eval_data(params), bench, seed)
     reference = pristine_logits(base.model, base_data.test, norm)
-    return BenchContext(params, base, norm, base_data, reference, device), train
+    recipe = dataclasses.replace(train, epochs=bench.epochs, min_steps=train.min_steps if bench.min_steps is None
+                                 else bench.min_steps)
+    return BenchContext(params, base, norm, base_data, reference, device, recipe=recipe), train

@@ -24,10 +24,31 @@ def need_base(params: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    app.command("init")(init)
     app.command("pretrain")(pretrain)
     app.command("demo-data")(demo_data)
     app.command("train")(train)
     app.command("fingerprint")(show_fingerprint)
+
+
+@user_errors
+def init(
+    folder: Path = typer.Argument(..., help="Folder of the new project (created)."),
+    arch: str = typer.Option("timm:tf_efficientnet_lite0", "--arch", help="The pre-trained CNN: timm:<model name>."),
+    weights: str = typer.Option(None, "--weights", help="Its weights: a file (.safetensors, or a state dict saved "
+                                "with torch.save), or package:<module>/<path>; default: the file an installed "
+                                "package ships for --arch."),
+    input_size: int = typer.Option(None, "--input-size", min=8, help="Input side in pixels (default: the model's "
+                                   "pretrained config)."),
+) -> None:
+    """Start a project on your own pre-trained CNN: params.yaml, git + DVC, the local remote."""
+    from deltapatch.project_init import describe, init_project  # lazy: imports torch and timm
+
+    result = init_project(folder, arch, weights, input_size)
+    console.print(f"project ready at {result.root}")
+    for key, value in describe(result.base).items():
+        console.print(f"  {key}: {value}")
+    console.print(f"next: cd {result.root} && deltapatch ingest DATASET --task NAME (or deltapatch bench)")
 
 
 @user_errors

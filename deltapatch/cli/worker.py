@@ -38,8 +38,8 @@ def worker_start(
     from deltapatch.config import (  # lazy: keeps `deltapatch --help` fast
         ConfigError,
         load_params,
-        resolve_path,
     )
+    from deltapatch.models.base import base_weights_path  # lazy: imports torch
     from deltapatch.stack import stack_settings  # lazy: keeps `deltapatch --help` fast
     from deltapatch.worker import (  # lazy: keeps `--help` fast
         server_urls,
@@ -49,7 +49,7 @@ def worker_start(
     )
 
     params = load_params(project.resolve())
-    weights = resolve_path(params, params["base"]["weights"])
+    weights = base_weights_path(params)
     if not weights.is_file():  # pre-training here would make another base: its patches would not fit
         raise ConfigError(f"no base weights at {weights}",
                           hint="copy the stack machine's base weights (the same file: patches are tied to its "

@@ -4,19 +4,27 @@
 - `digits-inverted`, `digits-rot90`, `digits-parity`: the same scans, transformed or relabelled.
 - `glyphs`: letters A–J rendered from the DejaVu fonts that ship inside matplotlib, with jitter.
 - `shapes`: procedurally drawn circle/square/triangle/cross/star with colour and noise.
+- `fashion-mnist`: real photos of clothing (Zalando's Fashion-MNIST, 70,000 28×28 grey images, 10
+  classes), read by torchvision from the Debian package `dataset-fashion-mnist` (make setup installs it).
 
 All generators are deterministic given the seed. Images: (N, S, S, 3) uint8; labels: (N,) int64.
 """
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torchvision
 from PIL import Image, ImageDraw, ImageFont
+
+from deltapatch.errors import DatasetError
 
 BASE_TASK = "digits"
 GLYPH_LETTERS = list("ABCDEFGHIJ")
@@ -151,6 +159,50 @@ def shapes(size: int, seed: int = 0, per_class: int = 60) -> Generated:
     return np.stack(images), np.array(labels, dtype=np.int64), list(SHAPE_NAMES)
 
 
+# Where Debian's `dataset-fashion-mnist` puts the four IDX files (gzip-compressed). torchvision's reader
+# wants them uncompressed under <root>/FashionMNIST/raw/: they are decompressed once into the cache.
+FASHION_MNIST_DIR = Path(os.environ.get("DELTAPATCH_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                       "t10k-labels-idx1-ubyte")
+
+
+def fashion_mnist(size: int, seed: int = 0, per_class: int = 0) -> Generated:
+    """Fashion-MNIST's 60,000 + 10,000 images pooled (the split is deltapatch's, like every task's),
+    `per_class` of each class chosen by `seed` (0: all), upscaled to size×size RGB."""
+    root = _fashion_mnist_root()
+    parts = [torchvision.datasets.FashionMNIST(str(root), train=train, download=False) for train in (True, False)]
+    grey = np.concatenate([part.data.numpy() for part in parts])
+    labels = np.concatenate([part.targets.numpy() for part in parts]).astype(np.int64)
+    if per_class:
+        keep = _subset_per_class(labels, per_class, seed)
+        grey, labels = grey[keep], labels[keep]
+    # "T-shirt/top" → "T-shirt-top": a class name is a folder name in an ImageFolder (write_imagefolder).
+    names = [name.replace("/", "-") for name in parts[0].classes]
+    return np.stack([_upscale(image, size) for image in grey]), labels, names
+
+
+def _fashion_mnist_root() -> Path:
+    missing = [name for name in FASHION_MNIST_FILES if not (FASHION_MNIST_DIR / f"{name}.gz").is_file()]
+    if missing:
+        raise DatasetError(
+            f"the fashion-mnist task reads the Debian package dataset-fashion-mnist, but {FASHION_MNIST_DIR} "
+            f"has no {missing[0]}.gz; install it: sudo apt-get install dataset-fashion-mnist (or `make setup`), "
+            f"or set DELTAPATCH_FASHION_MNIST_DIR to a folder with the four .gz files"
+        )
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltapatch"
+    raw = cache / "FashionMNIST" / "raw"
+    for name in FASHION_MNIST_FILES:
+        source = FASHION_MNIST_DIR / f"{name}.gz"
+        target = raw / name
+        if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
+            raw.mkdir(parents=True, exist_ok=True)
+            partial = raw / f"{name}.partial-{os.getpid()}"  # renamed when whole: no reader sees half a file
+            with gzip.open(source, "rb") as compressed, partial.open("wb") as plain:
+                shutil.copyfileobj(compressed, plain)
+            partial.replace(target)
+    return cache
+
+
 GENERATORS: dict[str, Callable[..., Generated]] = {
     "digits": digits,
     "digits-inverted": digits_inverted,
@@ -158,8 +210,10 @@ GENERATORS: dict[str, Callable[..., Generated]] = {
     "digits-parity": digits_parity,
     "glyphs": glyphs,
     "shapes": shapes,
+    "fashion-mnist": fashion_mnist,
 }
 PATCH_TASKS = [name for name in GENERATORS if name != BASE_TASK]
+REAL_TASKS = ["digits", "fashion-mnist"]  # real images (the rest are transformed or drawn)
 
 
 def generate(name: str, size: int, seed: int, per_class: int) -> Generated:

@@ -30,6 +30,8 @@ class Split:
 
     def limit_per_class(self, max_per_class: int, seed: int) -> Split:
         """A deterministic class-balanced subset with at most `max_per_class` samples per class."""
+        if not len(self):
+            return self
         rng = np.random.default_rng(seed)
         labels = self.labels.numpy()
         keep = [rng.permutation(np.flatnonzero(labels == c))[:max_per_class] for c in np.unique(labels)]

@@ -13,10 +13,13 @@ import copy
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from deltapatch.config import resolve_path
 from deltapatch.data import builtin
 from deltapatch.data.dataset import TaskData, from_arrays, load_task_dir
 from deltapatch.data.ingest import normalise_elsewhere
+from deltapatch.data.probe import PROBE_PREFIX, probe_task
 from deltapatch.data.versioning import tasks_dir
 from deltapatch.errors import DatasetError
 
@@ -43,27 +46,31 @@ def builtin_task(params: dict[str, Any], name: str, per_class: int | None = None
 
 
 def base_eval_data(params: dict[str, Any]) -> TaskData:
-    """The base task's data (params.yaml base.eval_set): `builtin:<name>` or an ingested folder."""
+    """The base task's data (params.yaml base.eval_set): `builtin:<name>`, an ingested folder, or
+    `probe:photos` for a base without labelled base-task data (deltapatch/data/probe.py)."""
     source = str(params["base"]["eval_set"])
+    if source.startswith(PROBE_PREFIX):
+        return probe_task(params, source[len(PROBE_PREFIX):])
     if source.startswith(BUILTIN_PREFIX):
         return builtin_task(params, source[len(BUILTIN_PREFIX) :])
     return load_task_dir(resolve_path(params, source), int(params["base"]["input_size"]))
 
 
-def resolve_task(params: dict[str, Any], spec: str, workdir: Path) -> TaskData:
+def resolve_task(params: dict[str, Any], spec: str, workdir: Path, per_class: int | None = None) -> TaskData:
     """TaskData for `spec`: an ingested task name (``data/tasks/<name>`` with a manifest; it wins over
     a built-in task of the same name: it is the user's own data), a built-in task name, or the path
     of a dataset folder/archive.
 
     A path is validated and normalised exactly as ingestion does it (same rules, same errors), but
     into `workdir`: nothing is written into the project's data/ folder, DVC or quarantine.
+    `per_class`: images generated per class for a built-in task (default demo.images_per_class).
     """
     size = int(params["base"]["input_size"])
     ingested = tasks_dir(params) / spec
     if "/" not in spec and (ingested / "manifest.csv").is_file():
         return load_task_dir(ingested, size, name=spec)
-    if spec in builtin.PATCH_TASKS:
-        return builtin_task(params, spec)
+    if spec in builtin.GENERATORS:  # digits too: on another base (ImageNet) it is a patch task
+        return builtin_task(params, spec, per_class)
     path = Path(spec).expanduser()
     if path.exists():
         folder = normalise_elsewhere(path, params, Path(workdir) / f"task-{len(list(Path(workdir).glob('task-*')))}")
@@ -80,6 +87,22 @@ class PerClassCaps(Protocol):
 
     max_train_per_class: int | None
     max_eval_per_class: int | None
+
+
+def with_shots(data: TaskData, shots: int, seed: int) -> TaskData:
+    """`data` with `shots` training images per class, chosen by `seed` (stratified: every class the
+    same K); validation and test untouched. 0: the whole training split."""
+    data = copy.copy(data)
+    if shots:
+        have = int(torch.bincount(data.train.labels, minlength=data.num_classes).min())
+        if have < shots:
+            raise DatasetError(
+                f"task '{data.name}': --shots {shots} asks for {shots} training images per class, its smallest class "
+                f"has {have}; lower --shots or raise bench.images_per_class (built-in tasks)"
+            )
+        # Its own stream of the seed: the K images of seed s are the same whatever other caps apply.
+        data.train = data.train.limit_per_class(shots, seed + 7919)
+    return data
 
 
 def capped(data: TaskData, caps: PerClassCaps, seed: int) -> TaskData:

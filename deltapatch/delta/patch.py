@@ -39,6 +39,8 @@ class PatchMeta:
     std: list[float]
     metrics: dict[str, float] = field(default_factory=dict)
     data_version: str = ""
+    # The base's whole input recipe (models.base.preprocessing: size, mean/std, interpolation, crop).
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @classmethod

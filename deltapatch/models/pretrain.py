@@ -14,12 +14,12 @@ from filelock import FileLock
 from safetensors.torch import save_file
 from torch import nn
 
-from deltapatch.config import ConfigError, resolve_path, section, state_dir
+from deltapatch.config import ConfigError, section, state_dir
 from deltapatch.data.dataset import Split
 from deltapatch.data.sources import BUILTIN_PREFIX, base_eval_data
 from deltapatch.errors import DeltapatchError
 from deltapatch.fingerprint import fingerprint
-from deltapatch.models.base import base_settings, build_architecture, write_sidecar
+from deltapatch.models.base import base_settings, base_weights_path, build_architecture, write_sidecar
 from deltapatch.train import (
     Normalizer,
     Trainable,
@@ -117,7 +117,7 @@ def missing_base_error(params: dict[str, Any], what_happened: str) -> ConfigErro
     """The one error for base weights that are not there (ensure_base before any work; the training
     key's fingerprint when the file went away later)."""
     settings = base_settings(params)
-    weights = resolve_path(params, settings.weights)
+    weights = base_weights_path(params)
     if is_embedded_base(params):
         return ConfigError(f"base weights {weights} not found (params.yaml base.weights, the embedded default); "
                            f"{what_happened}", hint="`deltapatch pretrain` writes it again")
@@ -139,7 +139,7 @@ def ensure_base(params: dict[str, Any], *, progress: bool = True,
     """
     say = say or (lambda _message: None)
     settings = base_settings(params)
-    weights = resolve_path(params, settings.weights)
+    weights = base_weights_path(params)
     if weights.is_file():
         return weights
     if not is_embedded_base(params):
@@ -163,7 +163,7 @@ def pretrain_base(params: dict[str, Any], *, progress: bool = True, force: bool 
     """
 
     settings = base_settings(params)
-    weights = resolve_path(params, settings.weights)
+    weights = base_weights_path(params)
     if weights.exists() and not force:
         return weights
     # Every `pretrain:` field but the acceptance threshold and precise BN overrides the `train:` field

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -78,3 +79,38 @@ def test_cli_name_lists_accept_commas_and_repeats() -> None:
 
     assert _names(["glyphs,shapes", "digits-parity"]) == ["glyphs", "shapes", "digits-parity"]
     assert _names(None) is None
+
+
+def test_cli_shots_accept_counts_and_full() -> None:
+    from deltapatch.cli.bench import _shot_counts
+
+    assert _shot_counts(["5,10", "full"]) == [5, 10, 0]
+    assert _shot_counts(None) is None
+    with pytest.raises(typer.BadParameter, match="image counts per class or 'full'"):
+        _shot_counts(["five"])
+
+
+@pytest.mark.e2e
+def test_shots_bench_pairs_each_k_with_full_ft(project: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltapatch.cli import app
+
+    root = Path(project["_root"])
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["bench"]["quick"].update({"epochs": 1, "min_steps": 4, "max_eval_per_class": 4, "latency_batch": 4,
+                                     "latency_repeats": 1, "latency_warmup": 0, "lr_grid": [0.003],
+                                     "max_train_per_class": None})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(root)
+    monkeypatch.setitem(os.environ, "DELTAPATCH_PROJECT", str(root))
+    out = tmp_path / "shots"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--tasks", "shapes", "--methods", "delta-lowrank,full-ft",
+                                      "--shots", "2,full", "--seeds", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out / "bench.csv")
+    assert sorted(set(zip(frame["task"], frame["shots"], strict=True))) == [("shapes-2shot", 2), ("shapes-full", 0)]
+    assert len(frame) == 2 * 2 * 2  # methods × K × seeds
+    # K = 2: 5 classes × 2 images, one batch per epoch, 4 steps; the whole split: more images per step
+    assert (frame.loc[frame["shots"] == 2, "epochs_run"] == 4).all()
+    report = (out / "bench.md").read_text()
+    assert "## Accuracy against shots" in report and "delta-lowrank − full-ft (paired, 95 % CI)" in report
+    assert (out / "bench_shots.png").stat().st_size > 10_000

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from deltapatch.bench import COLUMNS, accuracy_table, target_checks, time_to_accuracy
-from deltapatch.bench.report import write_csv
+from deltapatch.bench.report import paired_interval, shift_table, shots_table, write_csv, write_shots_plot
 
 
 def _row(method: str, task: str, seed: int, acc: float, **extra: float) -> dict:
@@ -64,3 +64,42 @@ def test_accuracy_table_reports_mean_and_std_over_seeds() -> None:
     table = accuracy_table(frame).set_index("method")
     assert table.loc["m", "a"] == "0.850 ± 0.071"
     assert table.loc["m", "mean over tasks"] == "0.750 ± 0.071"  # seed 0: 0.7, seed 1: 0.8
+
+
+def test_shots_table_pairs_the_default_with_full_ft_per_task_and_seed(tmp_path: Path) -> None:
+    rows = []
+    for k, gap in ((5, 0.10), (0, -0.02)):
+        for task in ("a", "b"):
+            name = f"{task}-{k}shot" if k else f"{task}-full"
+            for seed in range(3):
+                ref = 0.5 + 0.1 * seed + (0.3 if k == 0 else 0.0)
+                rows.append(_row("full-ft", name, seed, ref, shots=k))
+                rows.append(_row("delta-lowrank", name, seed, ref + gap, shots=k))
+    frame = write_csv(rows, {}, tmp_path)
+    table = shots_table(frame, "delta-lowrank").set_index("method")
+    assert list(table.columns) == ["K=5", "full"]  # K ascending, the whole split last
+    diff = table.loc["delta-lowrank − full-ft (paired, 95 % CI)"]
+    # the per-seed offsets cancel in the pairing: a constant gap has a zero-width interval
+    assert diff["K=5"].startswith("+0.100 [+0.100, +0.100] (n=6)")
+    assert diff["full"].startswith("-0.020 [-0.020, -0.020] (n=6)")
+    assert table.loc["full-ft", "K=5"] == "0.600 ± 0.100"
+    write_shots_plot(frame, tmp_path / "shots.png")
+    assert (tmp_path / "shots.png").stat().st_size > 10_000
+
+
+def test_paired_interval_widens_with_noise() -> None:
+    narrow = paired_interval(pd.Series([0.01, 0.02, 0.015, 0.012]))
+    wide = paired_interval(pd.Series([0.2, -0.15, 0.1, -0.05]))
+    low, high = (float(v) for v in narrow.split("[")[1].split("]")[0].split(","))
+    assert 0 < low < high
+    low, high = (float(v) for v in wide.split("[")[1].split("]")[0].split(","))
+    assert low < 0 < high
+
+
+def test_shift_table_reports_the_drop_from_clean_to_shifted() -> None:
+    rows = [_row("delta-lowrank", "a", 0, 0.9, shift_blur_acc=0.8, shift_contrast_acc=0.7, shift_invert_acc=0.3),
+            _row("full-ft", "a", 0, 0.9, shift_blur_acc=0.85, shift_contrast_acc=0.8, shift_invert_acc=0.5)]
+    table = shift_table(pd.DataFrame(rows, columns=COLUMNS)).set_index("method")
+    assert list(table.columns) == ["patch_acc", "blur", "contrast", "invert", "mean drop"]
+    assert table.loc["delta-lowrank", "mean drop"] == pytest.approx(0.9 - 0.6)
+    assert table.loc["full-ft", "mean drop"] == pytest.approx(0.9 - 0.7166666, abs=1e-6)

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from deltapatch.data.sources import resolve_task
+from deltapatch.data.sources import builtin_task, resolve_task, with_shots
 from deltapatch.errors import DatasetError
 from tests.conftest import make_project
 
@@ -57,3 +58,24 @@ def test_a_bad_dataset_path_gets_the_same_error_as_ingest_and_nothing_is_written
 def test_an_unknown_task_names_the_choices(plain_project: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not a built-in task.*shapes.*deltapatch ingest PATH --task no-such-task"):
         resolve_task(plain_project, "no-such-task", tmp_path / "work")
+
+
+def test_shots_are_stratified_reproducible_per_seed_and_leave_val_and_test_alone(plain_project):
+    data = builtin_task(plain_project, "shapes", per_class=20)
+    five = with_shots(data, 5, seed=0)
+    assert torch.bincount(five.train.labels).tolist() == [5] * data.num_classes
+    again, other = with_shots(data, 5, seed=0), with_shots(data, 5, seed=1)
+    assert torch.equal(five.train.images, again.train.images)
+    assert not torch.equal(five.train.images, other.train.images)
+    for split in ("val", "test"):
+        assert getattr(five, split) is getattr(data, split)
+    # every chosen image is one of the task's own training images
+    pool = {bytes(img.numpy()) for img in data.train.images}
+    assert all(bytes(img.numpy()) in pool for img in five.train.images)
+    assert with_shots(data, 0, seed=0).train is data.train  # 0: the whole training split
+
+
+def test_more_shots_than_a_class_has_is_refused(plain_project):
+    data = builtin_task(plain_project, "shapes", per_class=10)
+    with pytest.raises(DatasetError, match=r"--shots 50 asks for 50 training images per class.*lower --shots"):
+        with_shots(data, 50, seed=0)

@@ -15,11 +15,22 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltapatch.delta.budget import PatchLayout
 
 FrozenLayer = nn.Conv2d | nn.Linear
+
+
+def conv_like(frozen: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`frozen`'s convolution of `x` with another `weight` (same groups, no bias): its stride,
+    padding and dilation, and a subclass's own padding rule too (timm's Conv2dSame pads TF-'same',
+    asymmetrically, inside its forward; its `padding` attribute is 0)."""
+    if type(frozen) is nn.Conv2d and frozen.padding_mode == "zeros":
+        return F.conv2d(x, weight, None, frozen.stride, frozen.padding, frozen.dilation, frozen.groups)
+    swapped = {"weight": weight} | ({} if frozen.bias is None else {"bias": torch.zeros_like(frozen.bias)})
+    return torch.func.functional_call(frozen, swapped, (x,))
 
 
 @dataclass

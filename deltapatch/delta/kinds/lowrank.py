@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltapatch.delta.budget import ALLOCATIONS, PatchLayout, allocate_ranks
-from deltapatch.delta.kinds.base import DeltaConfig, DeltaLayer, FrozenLayer
+from deltapatch.delta.kinds.base import DeltaConfig, DeltaLayer, FrozenLayer, conv_like
 from deltapatch.delta.kinds.registry import register_delta_kind
 from deltapatch.errors import DeltapatchError
 
@@ -148,10 +148,9 @@ class LowRankDelta(DeltaLayer):
             return frozen_out + F.linear(F.linear(x, self.lora_A), self.lora_B)
         if self.activation_space:
             kernel_a = self.lora_A.view(-1, *frozen.weight.shape[1:])  # (r, C_in, k, k)
-            hidden = F.conv2d(x, kernel_a, None, frozen.stride, frozen.padding, frozen.dilation)
+            hidden = conv_like(frozen, x, kernel_a)  # groups == 1 here
             return frozen_out + F.conv2d(hidden, self.lora_B[:, :, None, None])
-        delta = self.delta_weight(frozen)
-        return frozen_out + F.conv2d(x, delta, None, frozen.stride, frozen.padding, frozen.dilation, frozen.groups)
+        return frozen_out + conv_like(frozen, x, self.delta_weight(frozen))
 
     @torch.no_grad()
     def merged_weight(self, frozen: FrozenLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
