@@ -22,7 +22,7 @@ from deltapatch.access import prefect_headers
 from deltapatch.automations import zombie_automation_state
 from deltapatch.bench import BenchSettings
 from deltapatch.config import STATE_DIR, ConfigError, load_params, section, state_dir
-from deltapatch.data.probe import PROBE_PREFIX
+from deltapatch.data.probe import AGREEMENT, PROBE_PREFIX
 from deltapatch.data.sources import base_eval_data
 from deltapatch.data.versioning import check_remote, data_settings
 from deltapatch.errors import DeltapatchError
@@ -97,13 +97,13 @@ def _base_accuracy(params: dict[str, Any], base: Any) -> str:
         acc = json.loads(sidecar.read_text()).get("metrics", {}).get("test_acc")
         if acc is not None:
             return f"test acc {float(acc):.3f} (pre-training)"
-    data = base_eval_data(params)
+    data = base_eval_data(params, base)
     norm = Normalizer(base.settings.mean, base.settings.std, torch.device("cpu"))
+    acc = accuracy(predict_logits(base.model, data.test, norm), data.test.labels)
     if base.settings.eval_set.startswith(PROBE_PREFIX):
-        agreement = accuracy(predict_logits(base.model, data.test, norm), data.test.labels)
-        return (f"no labelled base-task data: agreement with its own top-1 on {base.settings.eval_set} "
-                f"{agreement:.3f} ({len(data.test)} images; the gate checks bit-identity there)")
-    return f"test acc {accuracy(predict_logits(base.model, data.test, norm), data.test.labels):.3f} ({base.settings.eval_set})"
+        return (f"test acc {acc:.3f} on {base.settings.eval_set} ({len(data.test)} images; {AGREEMENT}; the gate checks "
+                f"bit-identity there)")
+    return f"test acc {acc:.3f} ({base.settings.eval_set})"
 
 
 def check_dvc(params: dict[str, Any]) -> Check:

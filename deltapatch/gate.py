@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from deltapatch.config import ConfigError, section
 from deltapatch.data.dataset import TaskData, load_task_dir
 from deltapatch.data.ingest import file_sha256
-from deltapatch.data.probe import PROBE_PREFIX
+from deltapatch.data.probe import AGREEMENT, PROBE_PREFIX
 from deltapatch.data.versioning import tasks_dir
 from deltapatch.delta import DeltaNetwork
 from deltapatch.delta.patch import load_patch, read_patch_meta
@@ -192,8 +192,7 @@ def _base(net: DeltaNetwork, session: PatchSession) -> GateCheck:
     ok = check.bit_identical and check.acc_change == 0
     where = session.base.settings.eval_set
     if where.startswith(PROBE_PREFIX):  # no labelled base-task data: the probe set, and "accuracy" is agreement
-        where = (f"{where}, {len(session.base_data.test)} real photos; no labelled base-task data, so accuracy here "
-                 f"is agreement with the pristine base's own top-1")
+        where = f"{where}, {len(session.base_data.test)} real photos; {AGREEMENT}"
     if ok:
         detail = (f"base route bit-identical to the pristine base on {where} "
                   f"(accuracy {check.base_acc:.4f} unchanged)")

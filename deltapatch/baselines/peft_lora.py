@@ -16,6 +16,7 @@ import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class LoraSettings(MethodSettings):
     lora_dropout: float = 0.0
 
 
-def peft_can_wrap(conv: nn.Module) -> bool:
+def peft_can_wrap(conv: nn.Module) -> TypeGuard[nn.Conv2d]:
     """Whether PEFT's LoRA can wrap `conv`: a plain nn.Conv2d, ungrouped. Its Conv2d layer rebuilds the
     base layer's class with nn.Conv2d's arguments, which timm's Conv2dSame (TF-"same" padding, the
     stride-2 convolutions of tf_efficientnet_*) does not take, and it refuses a rank not divisible by
@@ -50,14 +51,14 @@ def peft_can_wrap(conv: nn.Module) -> bool:
 
 
 def conv_names(module: nn.Module) -> list[str]:
-    return [name for name, child in module.named_modules() if isinstance(child, nn.Conv2d) and peft_can_wrap(child)]
+    return [name for name, child in module.named_modules() if peft_can_wrap(child)]
 
 
 def lora_param_count(module: nn.Module, r: int) -> int:
     """LoRA parameters PEFT adds to each ungrouped Conv2d (A: r×C_in×k×k, B: C_out×r×1×1)."""
     total = 0
     for child in module.modules():
-        if isinstance(child, nn.Conv2d) and peft_can_wrap(child):  # what conv_names targets
+        if peft_can_wrap(child):  # what conv_names targets
             k = child.kernel_size[0] * child.kernel_size[1]
             total += r * child.in_channels // child.groups * k + child.out_channels * r
     return total

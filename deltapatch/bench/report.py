@@ -200,11 +200,10 @@ def shots_table(frame: pd.DataFrame, default_method: str) -> pd.DataFrame:
         if other == default_method or other not in set(rows["method"]) or default_method not in set(rows["method"]):
             continue
         cells = {"method": f"{default_method} − {other} (paired, 95 % CI)"}
+        diffs = (indexed.loc[default_method] - indexed.loc[other]).dropna()  # per (task, seed)
         for k in order:
             tasks = rows.loc[rows["shots"] == k, "task"].unique()
-            diffs = (indexed.loc[default_method] - indexed.loc[other]).dropna()
-            diffs = diffs[diffs.index.get_level_values("task").isin(tasks)]
-            cells[_shots_name(k)] = paired_interval(diffs)
+            cells[_shots_name(k)] = paired_interval(diffs[diffs.index.get_level_values("task").isin(tasks)])
         table.append(cells)
     return pd.DataFrame(table)
 

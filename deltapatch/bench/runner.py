@@ -283,9 +283,9 @@ def run_bench(params: dict[str, Any], methods: list[str] | None = None, tasks: l
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise DeltapatchError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
-    if sorted(set(bench.shifts) - set(SHIFT_COLUMNS)):
-        raise ConfigError(f"params.yaml bench.shifts: unknown {sorted(set(bench.shifts) - set(SHIFT_COLUMNS))}; "
-                          f"known: {sorted(SHIFT_COLUMNS)}")
+    unknown_shifts = sorted(set(bench.shifts) - set(SHIFT_COLUMNS))
+    if unknown_shifts:
+        raise ConfigError(f"params.yaml bench.shifts: unknown {unknown_shifts}; known: {sorted(SHIFT_COLUMNS)}")
     first_seed = int(params.get("seed", 0))
     seed_list = bench.seed_list(first_seed)
     out_dir = Path(out_dir)
@@ -393,7 +393,7 @@ def open_context(params: dict[str, Any], bench: BenchSettings, *, seed: int,
     pretrain_base(params, progress=progress)
     base = load_base(params, device)
     norm = Normalizer(base.settings.mean, base.settings.std, device)
-    base_data = capped(base_eval_data(params), bench, seed)
+    base_data = capped(base_eval_data(params, base), bench, seed)
     reference = pristine_logits(base.model, base_data.test, norm)
     recipe = dataclasses.replace(train, epochs=bench.epochs, min_steps=train.min_steps if bench.min_steps is None
                                  else bench.min_steps)

@@ -17,7 +17,6 @@ COLUMNS = [
     "step_time_ratio_paired", "shots", "shift_blur_acc", "shift_contrast_acc", "shift_invert_acc",
 ]
 SHIFT_COLUMNS = {"blur": "shift_blur_acc", "contrast": "shift_contrast_acc", "invert": "shift_invert_acc"}
-FULL_SET = 0  # in bench.shots / the shots column: the whole training split
 REFERENCE_METHOD = "full-ft"
 
 

@@ -21,7 +21,7 @@ import torch
 from deltapatch.data.dataset import Split, TaskData
 from deltapatch.data.images import decode_rgb, resize
 from deltapatch.errors import DatasetError
-from deltapatch.models.base import load_base
+from deltapatch.models.base import BaseModel, load_base
 from deltapatch.train import Normalizer, predict_logits
 
 PROBE_PREFIX = "probe:"
@@ -32,6 +32,8 @@ PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_moti
           "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "coins.png",
           "moon.png", "text.png")
 CROP = 0.6  # side of each corner/centre crop, as a fraction of the photo's shorter side
+# How a base check on a probe set reads (the gate's detail, doctor's line).
+AGREEMENT = "no labelled base-task data, so accuracy here is agreement with the pristine base's own top-1"
 
 
 def photo_folder() -> Path:
@@ -57,15 +59,16 @@ def probe_images(size: int) -> np.ndarray:
     return np.stack(images)
 
 
-def probe_task(params: dict[str, Any], name: str) -> TaskData:
-    """The probe set `name`, labelled with the untouched base's own top-1 (val = test = the set)."""
+def probe_task(params: dict[str, Any], name: str, base: BaseModel | None = None) -> TaskData:
+    """The probe set `name`, labelled with the untouched base's own top-1 (val = test = the set).
+    `base`: the project's base as already loaded from `params` (pristine), else loaded here."""
     if name not in PROBE_SETS:
         raise DatasetError(f"params.yaml base.eval_set '{PROBE_PREFIX}{name}': unknown probe set; use "
                            f"{', '.join(PROBE_PREFIX + s for s in sorted(PROBE_SETS))}")
-    base = load_base(params)
+    base = base or load_base(params)
     images = torch.from_numpy(probe_images(int(base.settings.input_size)).transpose(0, 3, 1, 2).copy())
     unlabelled = Split(images, torch.zeros(len(images), dtype=torch.int64))
-    norm = Normalizer(base.settings.mean, base.settings.std, torch.device("cpu"))
+    norm = Normalizer(base.settings.mean, base.settings.std, next(base.model.parameters()).device)
     labels = predict_logits(base.model, unlabelled, norm).argmax(1)
     split = Split(images, labels)
     empty = Split(images[:0], labels[:0])

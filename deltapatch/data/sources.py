@@ -22,6 +22,7 @@ from deltapatch.data.ingest import normalise_elsewhere
 from deltapatch.data.probe import PROBE_PREFIX, probe_task
 from deltapatch.data.versioning import tasks_dir
 from deltapatch.errors import DatasetError
+from deltapatch.models.base import BaseModel
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -45,12 +46,13 @@ def builtin_task(params: dict[str, Any], name: str, per_class: int | None = None
     )
 
 
-def base_eval_data(params: dict[str, Any]) -> TaskData:
+def base_eval_data(params: dict[str, Any], base: BaseModel | None = None) -> TaskData:
     """The base task's data (params.yaml base.eval_set): `builtin:<name>`, an ingested folder, or
-    `probe:photos` for a base without labelled base-task data (deltapatch/data/probe.py)."""
+    `probe:photos` for a base without labelled base-task data (deltapatch/data/probe.py), labelled
+    by `base` when the caller has the project's base loaded already (else it is loaded for that)."""
     source = str(params["base"]["eval_set"])
     if source.startswith(PROBE_PREFIX):
-        return probe_task(params, source[len(PROBE_PREFIX):])
+        return probe_task(params, source[len(PROBE_PREFIX):], base)
     if source.startswith(BUILTIN_PREFIX):
         return builtin_task(params, source[len(BUILTIN_PREFIX) :])
     return load_task_dir(resolve_path(params, source), int(params["base"]["input_size"]))

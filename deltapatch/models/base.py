@@ -106,7 +106,7 @@ def build_architecture(settings: BaseSettings, num_classes: int) -> nn.Module:
 
 
 def _timm_architecture(name: str, settings: BaseSettings, num_classes: int) -> nn.Module:
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:6]
         raise ConfigError(
             f"params.yaml base.arch '{settings.arch}': timm has no model '{name}'"
@@ -261,13 +261,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _mapped_state(path: Path, settings: BaseSettings) -> tuple[dict[str, torch.Tensor], nn.Module, list[str]]:
+    """The file's state dict under the definition's names, the (untrained) definition, the class names."""
+    state = read_state_dict(path)
+    class_names = _class_names(path, state, settings)
+    model = build_architecture(settings, len(class_names))
+    return map_state_dict(state, model.state_dict(), path), model, class_names
+
+
 def read_base_state(path: Path, settings: BaseSettings) -> dict[str, torch.Tensor]:
     """A base file's state dict under its definition's names (`map_state_dict`): what every
     fingerprint of a base is computed over, so a file has one identity whichever codebase named its
     tensors, and what the registry stores."""
-    state = read_state_dict(path)
-    model = build_architecture(settings, len(_class_names(path, state, settings)))
-    return map_state_dict(state, model.state_dict(), path)
+    return _mapped_state(path, settings)[0]
 
 
 def sidecar_path(weights: Path) -> Path:
@@ -278,10 +284,7 @@ def load_base(params: dict[str, Any], device: torch.device | str = "cpu") -> Bas
     """Build the base architecture and load its local weights (frozen, eval mode)."""
     settings = base_settings(params)
     weights = resolve_weights(params, settings.weights)
-    state = read_state_dict(weights)
-    class_names = _class_names(weights, state, settings)
-    model = build_architecture(settings, len(class_names))
-    state = map_state_dict(state, model.state_dict(), weights)  # the same rule as read_base_state
+    state, model, class_names = _mapped_state(weights, settings)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
