@@ -111,7 +111,7 @@ class ServeSettings:
     decode_threads: int = 2             # images decoded at once, over all requests
     torch_threads: int = 0              # torch intra-op threads of the serving process; 0 = torch's default
     batch_images: int = 128             # concurrent requests share one forward up to this many images
-    group_from: int = 64                # shared batches this large run one forward per task (0: never)
+    group_from: int = 0                 # shared batches this large run one forward per task (0: never; docs/serving.md)
     max_queue: int = 16                 # requests waiting for a forward (503 + Retry-After above)
     max_inflight: int = 32              # /predict requests being read, decoded or answered at once (503 above)
     limit_concurrency: int = 64         # uvicorn: connections + requests at once (its own 503 above)
@@ -309,6 +309,7 @@ class ChampionSync:
                     self.refused.pop(task, None)  # e.g. rolled back from a refused version
                     continue
                 self._load(self.predictor, task, version, info)
+            self.predictor.prepare()
             return self.served()
 
     def _swap(self, view: ServingSet) -> None:
@@ -319,6 +320,7 @@ class ChampionSync:
             for task, info in view.tasks.items():
                 if not self._load(fresh, task, int(info["version"]), info):
                     raise DeltapatchError(f"patch {task} v{info['version']} did not load: {self.refused.get(task)}")
+            fresh.prepare()
         # Any failure keeps the complete old set serving; the next poll retries the swap.
         except Exception as exc:  # noqa: BLE001
             reason = f"base v{view.base_version}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from deltapatch.delta.kinds import DeltaConfig, layer_class
-from deltapatch.delta.kinds.base import DeltaLayer, FrozenLayer
-from deltapatch.delta.routing import BASE, Router
-
-
-def _scatter(groups: list[tuple[str, torch.Tensor]], outputs: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Reassemble per-group outputs (n_t, ...) into one (N, ...) tensor in sample order."""
-    out = like.new_empty((like.shape[0], *next(iter(outputs.values())).shape[1:]))
-    for task, index in groups:
-        out[index] = outputs[task].to(out.dtype)
-    return out
+from deltapatch.delta.kinds.base import DeltaLayer, FrozenLayer, StackedDelta, row_view
+from deltapatch.delta.routing import BASE, MixedBatch, PatchedRows, Router
 
 
 class TaskRoutedModule(nn.Module, ABC):
@@ -34,13 +29,31 @@ class TaskRoutedModule(nn.Module, ABC):
 
     role: ClassVar[str]
     router: Router
+    _stack: tuple[int, Any]  # (router version it was built at, build_stack's result)
 
     def __init__(self, frozen: nn.Module, router: Router) -> None:
         super().__init__()
         self.frozen = frozen
         self.per_task = nn.ModuleDict()
-        # A plain attribute (not a submodule): the router is shared by all wrappers.
+        # Plain attributes (not submodules): the router is shared by all wrappers; the stack is a
+        # snapshot of the tasks' tensors for mixed batches, tagged with the router version it was built at.
         object.__setattr__(self, "router", router)
+        object.__setattr__(self, "_stack", (-1, None))
+
+    def build_stack(self, modules: list[nn.Module]) -> Any:
+        """The tasks' children (in `router.order`) in the stacked form this layer's mixed forward
+        uses, or None where it has none (the mixed forward then loops over the batch's tasks)."""
+        return None
+
+    def stacked(self) -> Any:
+        """`build_stack` for the current tasks, rebuilt once after any change (`Router.version`).
+        Plain tensors, outside autograd and inference mode, whatever mode the caller is in."""
+        version, stack = self._stack
+        if version != self.router.version:
+            with torch.inference_mode(False), torch.no_grad():
+                stack = self.build_stack([self.per_task[task] for task in self.router.order])
+            object.__setattr__(self, "_stack", (self.router.version, stack))
+        return stack
 
     @abstractmethod
     def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
@@ -73,19 +86,59 @@ class DeltaWrapped(TaskRoutedModule):
         assert isinstance(layer, DeltaLayer)  # add_task puts nothing else here
         return layer
 
+    def build_stack(self, modules: list[nn.Module]) -> list[KindStack]:
+        """One KindStack per Δ kind among the tasks (one, unless tasks were trained with different kinds)."""
+        kinds: dict[type[nn.Module], list[int]] = {}
+        for slot, module in enumerate(modules):
+            kinds.setdefault(type(module), []).append(slot)
+        stacks = []
+        for kind, slots in kinds.items():
+            layers = [layer for slot in slots if isinstance(layer := modules[slot], DeltaLayer)]
+            assert issubclass(kind, DeltaLayer) and len(layers) == len(slots)  # add_task puts nothing else here
+            local = torch.full((len(modules),), -1, dtype=torch.long, device=self.frozen.weight.device)
+            local[slots] = torch.arange(len(slots), device=local.device)
+            stacks.append(KindStack(kind.stack(layers, self.frozen), frozenset(self.router.order[s] for s in slots),
+                                    local, len(slots) == len(modules)))
+        return stacks
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router = self.router
-        groups = router.groups
         frozen_out = self.frozen(x)
-        if router.merged is not None or (groups is None and router.task == BASE):
+        if router.merged is not None or (router.mixed is None and router.task == BASE):
             return frozen_out  # base route (or Δ already folded into frozen's weights)
-        if groups is None:
+        if router.mixed is None:
             return self.per_task[router.task](x, frozen_out, self.frozen)
-        out = frozen_out.clone()
-        for task, index in groups:
-            if task != BASE:
-                out[index] = self.per_task[task](x[index], frozen_out[index], self.frozen).to(out.dtype)
-        return out
+        # Mixed batch: the base samples keep frozen_out as is (bit-identical), the others are overwritten.
+        for kind in self.stacked():
+            self._mixed_kind(kind, router.mixed, x, frozen_out)
+        return frozen_out
+
+    def _mixed_kind(self, kind: KindStack, batch: MixedBatch, x: torch.Tensor, frozen_out: torch.Tensor) -> None:
+        """Patch, in `frozen_out`, the samples whose task's Δ is of `kind`."""
+        if kind.stacked is None:  # a kind without a stacked form: its own forward on each task's samples
+            for task, index in batch.groups:
+                if task in kind.tasks:
+                    frozen_out[index] = self.per_task[task](x[index], frozen_out[index], self.frozen).to(frozen_out.dtype)
+            return
+        patched = batch.patched_rows  # a kind that covers every task: its stack is in slot order
+        if not kind.every_task:
+            local = kind.local[patched.slots]
+            take = local >= 0
+            patched = PatchedRows(patched.rows[take], local[take])
+        if len(patched.rows):
+            kind.stacked.patch(frozen_out, x, patched)
+
+
+@dataclass(frozen=True)
+class KindStack:
+    """The tasks of one Δ kind on one layer: their stacked form (None: the kind has none), the
+    tasks, each slot's index within the stack (-1: a task of another kind) and whether the kind
+    covers every task (no selection needed)."""
+
+    stacked: StackedDelta | None
+    tasks: frozenset[str]
+    local: torch.Tensor
+    every_task: bool
 
 
 # Normalisation layers a task gets its own copy of. BatchNorm: own affine parameters AND own running
@@ -122,13 +175,64 @@ class TaskNorm(TaskRoutedModule):
             own.momentum = max(own.momentum or 0.0, TASK_BN_MOMENTUM)
         self.per_task[task] = own
 
+    def build_stack(self, modules: list[nn.Module]) -> StackedBatchNorm | None:
+        modules = [self.frozen, *modules]
+        if not all(StackedBatchNorm.fits(module) for module in modules):
+            return None  # LayerNorm/GroupNorm/InstanceNorm, or BN without running statistics: the loop
+        return StackedBatchNorm(modules, self.frozen)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router = self.router
-        groups = router.groups
-        if groups is None:
+        batch = router.mixed
+        if batch is None:
             return self._module(router.task)(x)
-        outputs = {task: self._module(task)(x[index]) for task, index in groups}
-        return _scatter(groups, outputs, x)
+        stack = self.stacked()
+        if stack is None:
+            out = self.frozen(x)
+            for task, index in batch.groups:
+                if task != BASE:
+                    out[index] = self.per_task[task](x[index]).to(out.dtype)
+            return out
+        # Every sample through its task's affine, then the base samples (usually the few) replaced by
+        # the base layer's own output on them: bit-identical, since a norm layer in eval mode computes
+        # each sample on its own (tests/delta/test_mixed_batches.py checks it, one base sample included).
+        out = stack.forward(x, batch.route)
+        if len(batch.base):
+            out.index_copy_(0, batch.base, self.frozen(x[batch.base]).to(out.dtype))
+        return out
+
+
+class StackedBatchNorm:
+    """The tasks' BatchNorms in eval mode as one per-sample affine: scale = γ/√(σ²+ε) and
+    shift = β − μ·scale, stacked (1 + T, C) with the base layer's first (route 0: TaskNorm replaces
+    those samples by the base layer's own output) and gathered per sample; timm's BatchNormAct2d then
+    applies its own dropout and activation, as its forward does."""
+
+    @staticmethod
+    def fits(module: nn.Module) -> bool:
+        exact = type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNormAct2d)
+        return exact and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None
+
+    def __init__(self, modules: list[nn.Module], frozen: nn.Module) -> None:
+        scales, shifts = [], []
+        for module in modules:
+            assert isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None
+            assert module.running_mean is not None  # fits() checked the statistics
+            scale = torch.rsqrt(module.running_var + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight
+            shift = -module.running_mean * scale
+            scales.append(scale)
+            shifts.append(shift if module.bias is None else shift + module.bias)
+        self.scale, self.shift = torch.stack(scales), torch.stack(shifts)
+        self.after: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if isinstance(frozen, BatchNormAct2d):
+            drop, act = frozen.drop, frozen.act
+            self.after = lambda y: act(drop(y))
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        y = torch.addcmul(row_view(self.shift[route], x), x, row_view(self.scale[route], x))
+        return y if self.after is None else self.after(y)
 
 
 class TaskHeads(TaskRoutedModule):
@@ -144,17 +248,46 @@ class TaskHeads(TaskRoutedModule):
     def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
         self.per_task[task] = nn.Linear(self.frozen.in_features, num_classes).to(self.frozen.weight.device)
 
+    def build_stack(self, modules: list[nn.Module]) -> StackedHeads:
+        return StackedHeads(modules, self.router.order)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         router = self.router
-        groups = router.groups
-        if groups is None:
+        batch = router.mixed
+        if batch is None:
             return self._module(router.task)(features)
-        outputs = {task: self._module(task)(features[index]) for task, index in groups}
-        width = max(o.shape[1] for o in outputs.values())
+        stack: StackedHeads = self.stacked()
+        width = max(self.frozen.out_features if task == BASE else stack.classes[task] for task in batch.tasks)
         logits = features.new_full((features.shape[0], width), float("-inf"))
-        for task, index in groups:
-            logits[index, : outputs[task].shape[1]] = outputs[task].to(logits.dtype)
+        if len(batch.base):  # on the whole batch, as the base model computes it (a 1-row matmul rounds differently)
+            logits[batch.base, : self.frozen.out_features] = self.frozen(features)[batch.base].to(logits.dtype)
+        if len(batch.patched):
+            patched = stack.forward(features[batch.patched], batch.slots)[:, :width]
+            logits[batch.patched, : patched.shape[1]] = patched.to(logits.dtype)
         return logits
+
+
+class StackedHeads:
+    """The tasks' heads as weights (T, K_max, F) and biases (T, K_max), padded with zero weights
+    and a -inf bias beyond each task's K_t: one gathered batched matmul per mixed batch."""
+
+    def __init__(self, modules: list[nn.Module], tasks: tuple[str, ...]) -> None:
+        heads = [module for module in modules if isinstance(module, nn.Linear)]
+        assert len(heads) == len(modules)  # add_task puts nothing else here
+        self.classes = {task: head.out_features for task, head in zip(tasks, heads, strict=True)}
+        width = max((head.out_features for head in heads), default=0)
+        features = heads[0].in_features if heads else 0
+        self.weight = torch.zeros(len(heads), width, features)
+        self.bias = torch.full((len(heads), width), float("-inf"))
+        if heads:
+            self.weight, self.bias = self.weight.to(heads[0].weight), self.bias.to(heads[0].weight)
+        for i, head in enumerate(heads):
+            self.weight[i, : head.out_features] = head.weight
+            self.bias[i, : head.out_features] = 0.0 if head.bias is None else head.bias
+
+    def forward(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(P, F) features, (P,) slots → (P, K_max) logits, -inf beyond each sample's task's classes."""
+        return torch.baddbmm(self.bias[slots].unsqueeze(2), self.weight[slots], features.unsqueeze(2)).squeeze(2)
 
 
 class LooseParameter(nn.Module):
@@ -197,16 +330,17 @@ class TaskScale(TaskRoutedModule):
         assert isinstance(holder, LooseParameter)  # add_task puts nothing else here
         return holder.value
 
+    def build_stack(self, modules: list[nn.Module]) -> torch.Tensor:
+        """(1 + T, *shape): the frozen tensor first (route 0), then each task's copy."""
+        values: list[torch.Tensor] = [self.frozen.value]
+        values += [module.value for module in modules if isinstance(module, LooseParameter)]
+        return torch.stack(values)
+
     def value(self) -> torch.Tensor:
         router = self.router
-        groups = router.groups
-        if groups is None:
+        if router.mixed is None:
             return self.scale(router.task)
-        frozen = self.frozen.value
-        out = frozen.new_empty((sum(len(index) for _, index in groups), *frozen.shape))
-        for task, index in groups:
-            out[index] = self.scale(task).to(out.dtype)
-        return out
+        return self.stacked()[router.mixed.route]
 
 
 def route_loose_parameter(owner: nn.Module, name: str, router: Router) -> TaskScale:

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from deltapatch.delta.layers import (
     is_task_norm,
     route_loose_parameter,
 )
-from deltapatch.delta.routing import BASE, Router
+from deltapatch.delta.routing import BASE, MixedBatch, Router
 from deltapatch.errors import DeltapatchError
 from deltapatch.fingerprint import fingerprint
 from deltapatch.task_names import validate_task_name
@@ -119,6 +119,7 @@ class DeltaNetwork(nn.Module):
             wrapper.per_task[task].to(device)
         self.task_configs[task] = config
         self.router.known_tasks.add(task)
+        self.patches_changed()
         state = self.task_state_dict(task)
         stored = sum(t.numel() for t in state.values()) + TENSOR_OVERHEAD * len(state)
         if config.budget_pct is not None and stored > config.budget_pct / 100.0 * self.base_params:
@@ -136,8 +137,23 @@ class DeltaNetwork(nn.Module):
             wrapper.remove_task(task)
         self.task_configs.pop(task, None)
         self.router.known_tasks.discard(task)
+        self.patches_changed()
         if self.router.task == task:
             self.router.task = BASE
+
+    def patches_changed(self) -> None:
+        """Tell the layers that a patch's tensors may have changed: their stacks for mixed batches
+        are rebuilt before the next one. Called by everything here that changes a patch (add, remove,
+        load, train(), merge, moving devices); code that edits a patch's tensors in place by hand in
+        eval mode calls it too."""
+        self.router.order = tuple(self.task_configs)
+        self.router.version += 1
+
+    def prepare_mixed(self) -> None:
+        """Build every layer's stacks now (else the next mixed batch does): a server calls it while
+        it holds the lock under which it changed the served set, so no request pays for the build."""
+        for _, wrapper in self._wrappers():
+            wrapper.stacked()
 
     # ---------------------------------------------------------------- routing
     def _check_task(self, task: str) -> None:
@@ -152,7 +168,7 @@ class DeltaNetwork(nn.Module):
         """Route every following forward to `task` ('base' = the untouched original)."""
         self._check_task(task)
         self.router.task = task
-        self.router.groups = None
+        self.router.mixed = None
         self.train(self.training)  # re-apply BN train/eval for the new active task
         return self
 
@@ -165,6 +181,9 @@ class DeltaNetwork(nn.Module):
 
         With `tasks` (one name per sample) the batch is mixed: each sample goes through its own
         task's patch in one forward; rows are padded with -inf beyond their task's class count.
+        Each layer runs a fixed number of kernels whatever the number of tasks (each sample gathers
+        its task's rows of the layer's stacked tensors); the base samples' rows are bit-identical to
+        the base model's.
         """
         if tasks is None:
             return self.model(x)
@@ -182,17 +201,17 @@ class DeltaNetwork(nn.Module):
                 self.router.task = previous
         if self.training:
             raise DeltapatchError("mixed-task batches are for inference; call .eval() first")
-        lookup = {task: i for i, task in enumerate(names)}
-        ids = torch.tensor([lookup[t] for t in tasks], device=x.device)
-        self.router.groups = [(task, torch.nonzero(ids == i).flatten()) for i, task in enumerate(names)]
+        self.router.mixed = MixedBatch.build(list(tasks), self.router.order, x.device)
         try:
             return self.model(x)
         finally:
-            self.router.groups = None
+            self.router.mixed = None
 
     def train(self, mode: bool = True) -> DeltaNetwork:
         """Only the active task's BatchNorms ever train: base statistics stay pristine."""
         super().train(mode)
+        if mode:
+            self.patches_changed()  # training moves the active task's tensors
         for _, wrapper in self._wrappers():
             wrapper.frozen.eval()
             if isinstance(wrapper, TaskNorm):
@@ -239,6 +258,7 @@ class DeltaNetwork(nn.Module):
                     f"patch tensor '{key}' has shape {tuple(value.shape)}, base expects {tuple(expected[key].shape)}"
                 )
             expected[key].copy_(value)
+        self.patches_changed()
 
     def parameter_counts(self, task: str) -> tuple[int, int]:
         """(trainable parameters of `task`'s patch, parameters of the base model)."""
@@ -260,6 +280,7 @@ class DeltaNetwork(nn.Module):
                 frozen.weight = nn.Parameter(weight, requires_grad=False)
                 frozen.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.router.merged = task
+        self.patches_changed()
         return self.select(task)
 
     @torch.no_grad()
@@ -274,4 +295,11 @@ class DeltaNetwork(nn.Module):
             frozen.bias = bias
         self._pristine.clear()
         self.router.merged = None
+        self.patches_changed()
         return self
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DeltaNetwork:
+        """.to(), .cuda(), .half(): the stacks follow on the next mixed batch."""
+        result = super()._apply(fn, recurse)
+        self.patches_changed()
+        return result

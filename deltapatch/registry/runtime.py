@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 from dataclasses import dataclass, field
@@ -137,15 +138,23 @@ class Predictor:
                 self.net.remove_task(task)
             self.patches.pop(task, None)
 
+    def prepare(self) -> None:
+        """Rebuild the stacked tensors of mixed batches for the patches loaded now, under the lock
+        (no forward sees a half-built set, none pays for the build), then hand the freed old stacks'
+        pages back to the OS. A caller that changed the served set calls it once at the end."""
+        with self.lock:
+            self.net.prepare_mixed()
+        release_freed_memory()
+
     @torch.inference_mode()
     def predict(self, images: np.ndarray | torch.Tensor, tasks: list[str] | str,
                 group_from: int = 0) -> list[dict[str, Any]]:
         """images: (N, H, W, 3) uint8 (NHWC, as decoded) → per image {task, class, class_index, score, scores}.
 
         One mixed-task forward; with `group_from` > 0, a batch of at least that many images runs one
-        single-task forward per task instead (same logits, bit for bit: measured on resnet18 + lowrank,
-        batch 128 of 4 tasks, 406 vs 451 CPU-ms, because the single-task path needs no per-layer
-        gather/scatter; for small batches the extra forwards cost more than they save).
+        single-task forward per task instead (the same classes; scores equal within float rounding,
+        since the mixed forward's stacked kernels round differently from a single task's). The
+        mixed forward is the faster at every batch size measured (docs/serving.md), hence 0 by default.
         """
         x = torch.as_tensor(np.asarray(images))
         if x.dim() != 4 or x.shape[-1] != 3:
@@ -175,6 +184,16 @@ class Predictor:
                     "scores": {name: float(p) for name, p in zip(names, probs, strict=True)},
                 })
             return results
+
+
+def release_freed_memory() -> None:
+    """glibc keeps freed heap pages in the process (a swapped-out patch set would stay resident);
+    malloc_trim hands them back. A no-op where the C library is not glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library the process already has loaded
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return
+    trim(0)
 
 
 def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

