@@ -52,3 +52,52 @@ def test_cli_import_loads_neither_mlflow_nor_torch() -> None:
 def test_library_modules_import_without_a_cycle() -> None:
     code = "import deltapatch.pipeline, deltapatch.registry.registry, deltapatch.gate, flows.patch_task, deltapatch.cli"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_cycles(root: Path, package: str) -> list[list[str]]:
+    """Cycles among `package`'s modules through their module-level imports, `if TYPE_CHECKING:` ones
+    included (a cycle that only typing needs is still a cycle a reader has to untangle).
+    `from pkg import submodule` depends on the submodule, not on pkg's __init__."""
+    paths = {_module_name(p, root): p for p in root.glob(f"{package}/**/*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in paths}
+    for name, path in paths.items():
+        for node in ast.parse(path.read_text()).body:
+            for statement in node.body if isinstance(node, ast.If) else [node]:
+                if isinstance(statement, ast.ImportFrom) and statement.module in paths:
+                    subs = {f"{statement.module}.{a.name}" for a in statement.names} & set(paths)
+                    graph[name] |= subs if len(subs) == len(statement.names) else {statement.module, *subs}
+                elif isinstance(statement, ast.Import):
+                    graph[name] |= {a.name for a in statement.names if a.name in paths}
+        graph[name].discard(name)
+    cycles, done = [], set()
+
+    def walk(name: str, trail: list[str]) -> None:
+        for target in sorted(graph[name]):
+            if target in trail:
+                cycles.append(trail[trail.index(target):])
+            elif target not in done:
+                walk(target, [*trail, target])
+        done.add(name)
+
+    for name in sorted(graph):
+        if name not in done:
+            walk(name, [name])
+    return cycles
+
+
+def test_no_import_cycle_among_the_library_modules() -> None:
+    assert _import_cycles(ROOT, "deltapatch") == []
+
+
+def test_the_cycle_check_sees_one_through_type_checking(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("from pkg.b import B\n")
+    (tmp_path / "pkg" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\nB = 1\n")
+    (tmp_path / "pkg" / "c.py").write_text("from pkg import a, b\n")  # submodules, not the package: no cycle
+    assert _import_cycles(tmp_path, "pkg") == [["pkg.a", "pkg.b"]]

@@ -5,7 +5,8 @@ stream — accuracy matrix, ACC/BWT/FWT, storage growth (docs/benchmark.md, "Con
     result = run_stream(params, quick=True, out_dir=Path("stream-results"))
 """
 
-from deltapatch.stream.runner import Arrival, StrategyRun, StreamResult, run_stream
+from deltapatch.stream.results import Arrival, StrategyRun, StreamResult
+from deltapatch.stream.runner import run_stream
 from deltapatch.stream.settings import StreamSettings
 
 __all__ = ["Arrival", "StrategyRun", "StreamResult", "StreamSettings", "run_stream"]

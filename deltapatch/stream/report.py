@@ -5,12 +5,10 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from deltapatch.stream.runner import StrategyRun, StreamResult
+from deltapatch.stream.results import StrategyRun, StreamResult
 
 COLUMNS = ["strategy", "after_task", "eval_task", "accuracy", "seconds", "stored_bytes"]
 DELTA = "delta"  # the strategy the targets are about

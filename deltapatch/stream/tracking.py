@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from deltapatch.errors import RegistryError
 from deltapatch.registry import store
@@ -20,10 +20,8 @@ from deltapatch.registry.tracking import (
     registry_settings,
     stack_mlflow_url,
 )
+from deltapatch.stream.results import StreamResult
 from deltapatch.telemetry import disable_telemetry
-
-if TYPE_CHECKING:
-    from deltapatch.stream.runner import StreamResult
 
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
