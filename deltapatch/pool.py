@@ -120,24 +120,17 @@ def _wait(params: dict[str, Any], settings: FaultSettings, run_id: UUID, name: s
     outage up to ``faults.outage_window_s`` (then a retryable error)."""
     submitted = time.monotonic()
     running_since: float | None = None
-    last_ok = time.monotonic()
     reported = ""
     with get_client(sync_client=True) as client:
         while True:
-            try:
-                run = client.read_flow_run(run_id)
-                last_ok = time.monotonic()
+            try:  # an outage is ridden out like every other wait (faults.ride_out), then retryable
+                run = ride_out(lambda: client.read_flow_run(run_id), params, f"reading {name} from the Prefect API",
+                               warn, window_s=settings.outage_window_s)
             except Exception as exc:
                 if not is_outage(exc):
                     raise
-                lost = time.monotonic() - last_ok
-                if lost > settings.outage_window_s:
-                    raise TrainingRunError(f"lost the Prefect API for {lost:.0f} s while waiting for {name} "
-                                           f"(faults.outage_window_s = {settings.outage_window_s:.0f})") from exc
-                warn(f"cannot read {name} from the Prefect API ({exc.__class__.__name__}); retrying "
-                     f"({lost:.0f} of {settings.outage_window_s:.0f} s outage window used)")
-                time.sleep(settings.poll_seconds)
-                continue
+                raise TrainingRunError(f"lost the Prefect API while waiting for {name} for longer than "
+                                       f"faults.outage_window_s ({settings.outage_window_s:.0f} s)") from exc
             state = run.state
             if state is not None and state.is_final():
                 return run
