@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,27 @@ from tests.flows.test_patch_flow import _artifact
 pytestmark = pytest.mark.usefixtures("prefect_harness", "isolated_env")
 
 
-def _task_run_count(state: Any) -> int:
+def _task_run_count(state: Any, timeout_s: float = 30.0) -> int:
+    """run_count of `state`'s task run once the API holds that run in `state`'s final type. Prefect 3
+    records task runs from their events, asynchronously: read right after the flow ends, the run can
+    still be unknown (404) or in an earlier state (a stale count)."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
+    deadline = time.monotonic() + timeout_s
+    seen = "nothing (404)"
     with get_client(sync_client=True) as client:
-        return int(client.read_task_run(state.state_details.task_run_id).run_count)
+        while time.monotonic() < deadline:
+            try:
+                run = client.read_task_run(state.state_details.task_run_id)
+            except ObjectNotFound:
+                run = None
+            if run is not None and run.state is not None:
+                if run.state.type == state.type:
+                    return int(run.run_count)
+                seen = f"state {run.state.type.value}"
+            time.sleep(0.2)
+    raise AssertionError(f"the API did not record the task run as {state.type.value} within {timeout_s:.0f} s: {seen}")
 
 
 def test_run_with_a_missing_user_base_stops_before_anything_is_written(tmp_path: Path,
