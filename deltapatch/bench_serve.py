@@ -29,6 +29,8 @@ import sys
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ EXPECTED = {"good": 200, "bomb": 422, "too-many-items": 413, "body-too-large": 4
             "unknown-task": 404, "bad-base64": 422}
 RSS_FACTOR, RSS_EXTRA_MB = 20, 500  # target: peak server RSS below base size × 20 + 500 MB
 MANY_ROUTES = 50  # the mixed-forward figure with this many served routes (synthetic copies of a champion)
-MIXED_TARGETS = {False: 0.8, True: 0.7}  # mixed/bare forward target, by "many routes" (issue 28)
+MIXED_TARGET, MANY_ROUTES_TARGET = 0.8, 0.7  # mixed/bare forward targets: the served routes, MANY_ROUTES
 PATCH_RSS_FACTOR = 2.0  # target: resident memory per served patch <= 2 × its patch file
 
 
@@ -171,19 +173,14 @@ class ForwardCeiling:
 
     def _rate(self, forward: Any, threads: int) -> tuple[float, float]:
         """(images/s, images per CPU-second) of `forward` at `threads` torch threads."""
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                for _ in range(3):
-                    forward()
-                wall, cpu = time.perf_counter(), time.process_time()
-                for _ in range(self.repeats):
-                    forward()
-                n = len(self.images) * self.repeats
-                return n / (time.perf_counter() - wall), n / max(1e-9, time.process_time() - cpu)
-        finally:
-            torch.set_num_threads(before)
+        with torch_threads(threads), torch.inference_mode():
+            for _ in range(3):
+                forward()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(self.repeats):
+                forward()
+            n = len(self.images) * self.repeats
+            return n / (time.perf_counter() - wall), n / max(1e-9, time.process_time() - cpu)
 
     def bare(self) -> dict[int, tuple[float, float]]:
         return {t: self._rate(lambda: self.model(self.x), t) for t in sorted({1, os.cpu_count() or 1})}
@@ -195,12 +192,19 @@ class ForwardCeiling:
 
     def mixed_forward(self, threads: int, routes: int) -> MixedForwardResult:
         """The mixed-task forward against the bare one, alternating (deltapatch.bench.mixed_forward)."""
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             return measure_mixed_forward(self.predictor, self.model, self.x, routes, repeats=max(1, self.repeats // 3))
-        finally:
-            torch.set_num_threads(before)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block, put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _best(rates: dict[int, tuple[float, float]]) -> tuple[int, float]:
@@ -371,7 +375,7 @@ def forward_rows(forwards: list[MixedForwardResult], batch: int) -> list[tuple[s
     """The in-process mixed-task forward against the bare one, per route count, and memory per patch."""
     rows: list[tuple[str, Any, str, bool | None]] = []
     for result in forwards:
-        target = MIXED_TARGETS[result.routes >= MANY_ROUTES]
+        target = MANY_ROUTES_TARGET if result.routes >= MANY_ROUTES else MIXED_TARGET
         rows.append((f"mixed-task forward / bare forward, {result.routes} served routes (batch {batch}, in-process; "
                      f"{result.mixed:.1f} vs {result.bare:.1f} images/s)", round(result.ratio, 3), f">= {target:.2f}",
                      result.ratio >= target))

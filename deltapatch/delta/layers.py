@@ -45,15 +45,18 @@ class TaskRoutedModule(nn.Module, ABC):
         uses, or None where it has none (the mixed forward then loops over the batch's tasks)."""
         return None
 
+    def stack_is_current(self) -> bool:
+        """Whether the stack was built at the router's current version (no patch changed since)."""
+        return self._stack[0] == self.router.version
+
     def stacked(self) -> Any:
         """`build_stack` for the current tasks, rebuilt once after any change (`Router.version`).
         Plain tensors, outside autograd and inference mode, whatever mode the caller is in."""
-        version, stack = self._stack
-        if version != self.router.version:
+        if not self.stack_is_current():
             with torch.inference_mode(False), torch.no_grad():
                 stack = self.build_stack([self.per_task[task] for task in self.router.order])
             object.__setattr__(self, "_stack", (self.router.version, stack))
-        return stack
+        return self._stack[1]
 
     @abstractmethod
     def add_task(self, task: str, *, num_classes: int, config: DeltaConfig) -> None:
@@ -120,7 +123,7 @@ class DeltaWrapped(TaskRoutedModule):
                 if task in kind.tasks:
                     frozen_out[index] = self.per_task[task](x[index], frozen_out[index], self.frozen).to(frozen_out.dtype)
             return
-        patched = batch.patched_rows  # a kind that covers every task: its stack is in slot order
+        patched = batch.patched  # a kind that covers every task: its stack is in slot order
         if not kind.every_task:
             local = kind.local[patched.slots]
             take = local >= 0
@@ -261,9 +264,10 @@ class TaskHeads(TaskRoutedModule):
         logits = features.new_full((features.shape[0], width), float("-inf"))
         if len(batch.base):  # on the whole batch, as the base model computes it (a 1-row matmul rounds differently)
             logits[batch.base, : self.frozen.out_features] = self.frozen(features)[batch.base].to(logits.dtype)
-        if len(batch.patched):
-            patched = stack.forward(features[batch.patched], batch.slots)[:, :width]
-            logits[batch.patched, : patched.shape[1]] = patched.to(logits.dtype)
+        rows = batch.patched.rows
+        if len(rows):
+            patched = stack.forward(features[rows], batch.patched.slots)[:, :width]
+            logits[rows, : patched.shape[1]] = patched.to(logits.dtype)
         return logits
 
 

@@ -118,7 +118,6 @@ class DeltaNetwork(nn.Module):
             wrapper.add_task(task, num_classes=num_classes, config=layer_config)
             wrapper.per_task[task].to(device)
         self.task_configs[task] = config
-        self.router.known_tasks.add(task)
         self.patches_changed()
         state = self.task_state_dict(task)
         stored = sum(t.numel() for t in state.values()) + TENSOR_OVERHEAD * len(state)
@@ -136,7 +135,6 @@ class DeltaNetwork(nn.Module):
         for _, wrapper in self._wrappers():
             wrapper.remove_task(task)
         self.task_configs.pop(task, None)
-        self.router.known_tasks.discard(task)
         self.patches_changed()
         if self.router.task == task:
             self.router.task = BASE
@@ -149,11 +147,14 @@ class DeltaNetwork(nn.Module):
         self.router.order = tuple(self.task_configs)
         self.router.version += 1
 
-    def prepare_mixed(self) -> None:
+    def prepare_mixed(self) -> bool:
         """Build every layer's stacks now (else the next mixed batch does): a server calls it while
-        it holds the lock under which it changed the served set, so no request pays for the build."""
-        for _, wrapper in self._wrappers():
+        it holds the lock under which it changed the served set, so no request pays for the build.
+        Returns whether any stack was stale (rebuilt)."""
+        stale = [wrapper for _, wrapper in self._wrappers() if not wrapper.stack_is_current()]
+        for wrapper in stale:
             wrapper.stacked()
+        return bool(stale)
 
     # ---------------------------------------------------------------- routing
     def _check_task(self, task: str) -> None:

@@ -7,7 +7,7 @@ attribute write, not a walk over the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -73,15 +73,14 @@ class MixedBatch:
     """One mixed-task batch of N samples, in the forms the wrapped layers use.
 
     Stacked layers (a fixed number of kernels per layer whatever the number of tasks) read
-    `route`, `patched`, `slots` and `base`; the per-task loop (Δ kinds and norm layers without a
+    `route`, `patched` and `base`; the per-task loop (Δ kinds and norm layers without a
     stacked form) reads `groups`, built only when such a layer asks for it.
     """
 
     tasks: tuple[str, ...]   # the distinct tasks of the batch, in first-seen order
     task_routes: tuple[int, ...]  # each one's route value (below)
     route: torch.Tensor      # (N,) 0 for a base sample, 1 + its task's slot in Router.order otherwise
-    patched: torch.Tensor    # (P,) indices of the samples routed to a patch
-    slots: torch.Tensor      # (P,) each patched sample's slot in Router.order
+    patched: PatchedRows     # the P samples routed to a patch, each with its task's slot in Router.order
     base: torch.Tensor       # (N - P,) indices of the base samples
 
     @classmethod
@@ -89,12 +88,8 @@ class MixedBatch:
         routes = {task: 0 if task == BASE else 1 + order.index(task) for task in dict.fromkeys(tasks)}
         route = torch.tensor([routes[t] for t in tasks], device=device)
         patched = torch.nonzero(route > 0).flatten()
-        return cls(tuple(routes), tuple(routes.values()), route, patched, route[patched] - 1,
+        return cls(tuple(routes), tuple(routes.values()), route, PatchedRows(patched, route[patched] - 1),
                    torch.nonzero(route == 0).flatten())
-
-    @cached_property
-    def patched_rows(self) -> PatchedRows:
-        return PatchedRows(self.patched, self.slots)
 
     @cached_property
     def groups(self) -> list[tuple[str, torch.Tensor]]:
@@ -114,10 +109,5 @@ class Router:
     task: str = BASE
     mixed: MixedBatch | None = None
     merged: str | None = None  # task whose Δ is folded into the frozen weights, if any
-    known_tasks: set[str] = field(default_factory=set)
     order: tuple[str, ...] = ()
     version: int = 0
-
-    @property
-    def is_mixed(self) -> bool:
-        return self.mixed is not None

@@ -141,10 +141,12 @@ class Predictor:
     def prepare(self) -> None:
         """Rebuild the stacked tensors of mixed batches for the patches loaded now, under the lock
         (no forward sees a half-built set, none pays for the build), then hand the freed old stacks'
-        pages back to the OS. A caller that changed the served set calls it once at the end."""
+        pages back to the OS. A caller that may have changed the served set calls it once at the end
+        (the champion poll, every poll): nothing is rebuilt or trimmed when nothing changed."""
         with self.lock:
-            self.net.prepare_mixed()
-        release_freed_memory()
+            rebuilt = self.net.prepare_mixed()
+        if rebuilt:
+            release_freed_memory()
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray | torch.Tensor, tasks: list[str] | str,

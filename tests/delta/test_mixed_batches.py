@@ -75,9 +75,9 @@ def test_a_skewed_batch_takes_the_per_sample_form_and_still_matches(base_and_ref
     assert net.router.order == ("t0", "t1", "t2")
     from deltapatch.delta.routing import MixedBatch
     batch = MixedBatch.build(tasks, net.router.order, images.device)
-    assert batch.patched_rows.segments is None
+    assert batch.patched.segments is None
     even = MixedBatch.build(["t0", "t1", "t2", "base"] * 3, net.router.order, images.device)
-    assert even.patched_rows.segments is not None and even.patched_rows.segments.cells == 9
+    assert even.patched.segments is not None and even.patched.segments.cells == 9
     _assert_routes_match(net, reference, images, tasks)
 
 
